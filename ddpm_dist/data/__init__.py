@@ -1,0 +1,20 @@
+"""Training data: every source gives an endless, resumable stream of [-1, 1] image batches.
+
+A stream is an iterable of float32 [B, C, H, W] tensors with `state_dict()` /
+`load_state_dict()` for its position, so a resumed run continues the same sample sequence.
+"""
+from __future__ import annotations
+
+from ddpm_dist.config import Config
+
+
+def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int = 1):
+    """The training stream of one rank: `batch_size` images per batch at the model's resolution."""
+    if cfg.data.source == "digits":
+        from ddpm_dist.data.digits import load_digits_images
+        from ddpm_dist.data.memory import MemoryStream
+
+        images = load_digits_images(cfg.model.resolution)
+        return MemoryStream(images, batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+                            flip=cfg.data.flip)
+    raise NotImplementedError("shard streams arrive with the streaming-data issue")
