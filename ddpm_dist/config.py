@@ -52,6 +52,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL from the environment
     retries: int = 5
+    retry_wait: float = 1.0  # first backoff (s), doubled per retry up to 30 s: 5 retries ≈ 31 s
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     precision: str = "fp32"
     activation_checkpointing: bool = False
     compile: bool = False
+    zero_stage: int = 2  # engine=deepspeed only: ZeRO stage 0-3
     log_every: int = 100
     sample_every: int = 10_000
     num_samples: int = 64
@@ -122,6 +124,11 @@ def _convert(value, tp, key: str):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, str):
