@@ -1,0 +1,1 @@
+"""Evaluation metrics: Inception features, FID, Inception Score (DESIGN §3)."""

@@ -1,0 +1,103 @@
+"""Image sources for evaluation: indexable collections of uint8 HWC RGB images.
+
+A source has `len()` and `source[i]` → np.uint8 [H, W, 3]; ranks take strided index
+slices of it. A new kind of source (e.g. WebDataset shards) is one class or function
+plus one line in `open_images`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# pytorch-fid's extensions.
+IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+
+
+class FolderImages:
+    """Every image file below a folder (subfolders included), in sorted path order."""
+
+    def __init__(self, root):
+        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i) -> np.ndarray:
+        with Image.open(self.files[i]) as image:
+            return np.array(image.convert("RGB"))  # a writable copy, as torch wants
+
+
+class ArrayImages:
+    """uint8 NHWC array, e.g. `arr_0` of an ADM-style samples .npz; grey images → RGB."""
+
+    def __init__(self, array: np.ndarray, name="array"):
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+            raise ValueError(f"{name}: expected uint8 [N, H, W, 3], got {array.dtype} {array.shape}")
+        self.array = array
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, i) -> np.ndarray:
+        image = self.array[i]
+        return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def load_npz_images(path) -> ArrayImages:
+    with np.load(path) as data:
+        if "arr_0" not in data:
+            raise ValueError(f"{path}: expected key arr_0 (images) or mu and sigma (statistics), "
+                             f"found {sorted(data.keys())}")
+        return ArrayImages(data["arr_0"], name=f"{path}:arr_0")
+
+
+def open_images(path):
+    """The image source behind a path: a folder or an .npz holding arr_0."""
+    path = Path(path)
+    if path.is_dir():
+        return FolderImages(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.suffix == ".npz":
+        return load_npz_images(path)
+    raise ValueError(f"{path}: expected an image folder or an .npz file")
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """(global index, CHW uint8 tensor) for the given indices of a source."""
+
+    def __init__(self, images, indices):
+        self.images, self.indices = images, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        return i, torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+
+
+def _collate(items):
+    indices, images = zip(*items)
+    return torch.tensor(indices), list(images)
+
+
+def _stack(images):
+    """Stack in the main process, so mixed sizes give a one-line error, not a worker trace."""
+    if len({image.shape for image in images}) > 1:
+        raise ValueError(f"images differ in size ({sorted({tuple(i.shape) for i in images})}); "
+                         "FID needs one size: resize them first")
+    return torch.stack(images)
+
+
+def image_batches(images, indices, batch_size: int, num_workers: int = 0):
+    """Yield (global indices [B], images [B, 3, H, W] float in [0, 1]), decoding in workers."""
+    loader = torch.utils.data.DataLoader(_Indexed(images, indices), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_collate)
+    for idx, batch in loader:
+        yield idx, _stack(batch).float() / 255  # pytorch-fid's ToTensor: x / 255
