@@ -136,7 +136,7 @@ def _convert(value, tp, key: str):
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def build_section(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -149,7 +149,7 @@ def _build(cls, data: dict, prefix: str = ""):
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            kwargs[name] = build_section(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _convert(value, tp, f"{prefix}{name}")
     return cls(**kwargs)
@@ -214,7 +214,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML{where}") from None
     for item in overrides:
         _set_override(data, item)
-    return validate(_build(Config, data))
+    return validate(build_section(Config, data))
 
 
 def config_to_dict(cfg: Config) -> dict:

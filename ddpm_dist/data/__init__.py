@@ -17,4 +17,7 @@ def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int
         images = load_digits_images(cfg.model.resolution)
         return MemoryStream(images, batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                             flip=cfg.data.flip)
-    raise NotImplementedError("shard streams arrive with the streaming-data issue")
+    from ddpm_dist.data.stream import open_shard_stream
+
+    return open_shard_stream(cfg.data.source, batch_size=batch_size, resolution=cfg.model.resolution,
+                             rank=rank, world_size=world_size, seed=cfg.seed, data_cfg=cfg.data)

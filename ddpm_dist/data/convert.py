@@ -1,0 +1,97 @@
+"""Converting a source into shards + index.json (the library behind tools/make_shards.py).
+
+Samples are shuffled once with a seed, encoded in worker processes, packed into shards in
+order, and each shard is written whole (temp file + rename, or one S3 PUT). index.json is
+rewritten after every shard with `complete: false`, and with `complete: true` at the end, so
+an interrupted run can be resumed: a rerun with the same parameters keeps the shards that
+exist with the recorded checksum and re-encodes only from the first missing or bad one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+from collections.abc import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ddpm_dist.data import fs
+from ddpm_dist.data.shards import encode, pack, sha256, shard_members, tar_bytes
+
+log = logging.getLogger(__name__)
+_JOB: dict = {}  # the source and encoding options, inherited by forked workers
+
+
+def _encode_one(item: tuple[int, str]) -> tuple[str, str, bytes]:
+    pos, sid = item
+    img = _JOB["source"].load(sid)
+    return f"{pos:09d}", sid, encode(img, **_JOB["options"])
+
+
+def _encoded(items: list[tuple[int, str]], workers: int) -> Iterator[tuple[str, str, bytes]]:
+    if workers <= 1:
+        yield from map(_encode_one, items)
+        return
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_encode_one, items, chunksize=32)
+
+
+def _verified_prefix(out: str, params: dict, endpoint: str | None) -> list[dict]:
+    """Shards of a previous run with the same parameters that still match their checksums."""
+    index_url = fs.join(out, "index.json")
+    if not fs.exists(index_url, endpoint=endpoint):
+        return []
+    old = json.loads(fs.read_bytes(index_url, endpoint=endpoint, retries=2))
+    if old.get("params") != params:
+        log.warning("%s was written with other parameters; rewriting all shards", index_url)
+        return []
+    kept = []
+    for shard in old["shards"]:
+        url = fs.join(out, shard["name"])
+        if not fs.exists(url, endpoint=endpoint) or \
+                sha256(fs.read_bytes(url, endpoint=endpoint, retries=2)) != shard["sha256"]:
+            break
+        kept.append(shard)
+    return kept
+
+
+def _write_index(out: str, shards: list[dict], params: dict, complete: bool,
+                 endpoint: str | None) -> dict:
+    index = {"format": "webdataset", "resolution": params["resolution"],
+             "image_format": params["format"], "complete": complete,
+             "total": sum(s["samples"] for s in shards), "shards": shards, "params": params}
+    fs.write_bytes(fs.join(out, "index.json"), json.dumps(index, indent=1).encode(),
+                   endpoint=endpoint)
+    return index
+
+
+def make_shards(source, out: str, *, params: dict, max_samples: int = 1000,
+                max_bytes: int = 64 << 20, workers: int = 0, endpoint: str | None = None,
+                progress: bool = True) -> dict:
+    """Write `source` as shards under `out` (folder or s3:// URL); returns the index.
+
+    `params` holds what determines the bytes: resolution, format, quality, seed (+ source).
+    """
+    ids = source.ids()
+    if not ids:
+        raise ValueError("the source holds no images")
+    order = np.random.default_rng(params["seed"]).permutation(len(ids))
+    shards = _verified_prefix(out, params, endpoint)
+    start = sum(s["samples"] for s in shards)
+    if shards:
+        log.info("keeping %d verified shards (%d samples)", len(shards), start)
+    _JOB.update(source=source, options={"resolution": params["resolution"],
+                                        "fmt": params["format"], "quality": params["quality"]})
+    items = [(pos, ids[i]) for pos, i in enumerate(order)][start:]
+    bar = tqdm(total=len(ids), initial=start, unit="img", disable=not progress)
+    for group in pack(_encoded(items, workers), max_samples=max_samples, max_bytes=max_bytes):
+        name = f"shard-{len(shards):06d}.tar"
+        data = tar_bytes(shard_members(group, params["format"]))
+        fs.write_bytes(fs.join(out, name), data, endpoint=endpoint)
+        shards.append({"name": name, "samples": len(group), "bytes": len(data),
+                       "sha256": sha256(data)})
+        _write_index(out, shards, params, False, endpoint)
+        bar.update(len(group))
+    bar.close()
+    return _write_index(out, shards, params, True, endpoint)

@@ -1,0 +1,117 @@
+"""Image sources that tools/make_shards.py converts: an image folder, the CIFAR-10 python
+batches, LSUN's lmdb databases, the embedded digits.
+
+A source lists its sample ids up front (so they can be shuffled with a seed) and loads one
+image by id. Loading happens in worker processes; lmdb handles are opened lazily per process
+because an lmdb environment must not cross a fork.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+class FolderSource:
+    """Every png/jpg/webp under a folder, recursively; ids are relative paths."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{root}: not a folder")
+
+    def ids(self) -> list[str]:
+        paths = (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(str(p.relative_to(self.root)) for p in paths)
+
+    def load(self, sid: str) -> Image.Image:
+        with Image.open(self.root / sid) as img:
+            return img.convert("RGB")
+
+
+class Cifar10Source:
+    """The training set of the CIFAR-10 python version: data_batch_1..5 (pickled dicts)."""
+
+    def __init__(self, root: str):
+        files = sorted(Path(root).glob("data_batch_*"))
+        if not files:
+            raise FileNotFoundError(f"{root}: no data_batch_* files (CIFAR-10 python version)")
+        batches = [self._read(f) for f in files]
+        self.data = np.concatenate([b for b, _ in batches])  # [N, 3072] uint8, CHW planes
+        self.names = [n for _, names in batches for n in names]
+
+    @staticmethod
+    def _read(path: Path) -> tuple[np.ndarray, list[str]]:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in d[b"filenames"]]
+        return np.asarray(d[b"data"], dtype=np.uint8), names
+
+    def ids(self) -> list[str]:
+        return [str(i) for i in range(len(self.data))]
+
+    def load(self, sid: str) -> Image.Image:
+        return Image.fromarray(self.data[int(sid)].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+class LsunSource:
+    """An LSUN `*_lmdb` folder as distributed: keys are image ids, values encoded images."""
+
+    def __init__(self, root: str):
+        if not os.path.exists(os.path.join(root, "data.mdb")):
+            raise FileNotFoundError(f"{root}: no data.mdb (expected an LSUN *_lmdb folder)")
+        self.root, self._env, self._pid = root, None, None
+
+    def _open(self):
+        import lmdb
+
+        if self._pid != os.getpid():  # never reuse a handle opened before a fork
+            self._env = lmdb.open(self.root, readonly=True, lock=False, readahead=False,
+                                  max_readers=126)
+            self._pid = os.getpid()
+        return self._env
+
+    def __getstate__(self):
+        return {"root": self.root, "_env": None, "_pid": None}
+
+    def ids(self) -> list[str]:
+        import lmdb
+
+        # a short-lived handle: one still open in the parent would break the forked workers'
+        with lmdb.open(self.root, readonly=True, lock=False) as env, env.begin() as txn:
+            return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+
+    def load(self, sid: str) -> Image.Image:
+        with self._open().begin() as txn:
+            data = txn.get(sid.encode())
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+
+
+class DigitsSource:
+    """The embedded scikit-learn digits, upscaled to `resolution` (32 when unset)."""
+
+    def __init__(self, resolution: int | None):
+        from ddpm_dist.data.digits import load_digits_images
+
+        self.images = load_digits_images(resolution or 32).permute(0, 2, 3, 1).numpy()
+
+    def ids(self) -> list[str]:
+        return [str(i) for i in range(len(self.images))]
+
+    def load(self, sid: str) -> Image.Image:
+        return Image.fromarray(self.images[int(sid)])
+
+
+def open_source(kind: str, path: str | None, resolution: int | None):
+    if kind == "digits":
+        return DigitsSource(resolution)
+    if path is None:
+        raise ValueError(f"--source {kind} needs --input")
+    return {"folder": FolderSource, "cifar10": Cifar10Source, "lsun": LsunSource}[kind](path)

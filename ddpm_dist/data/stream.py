@@ -1,0 +1,273 @@
+"""The training stream over tar shards (local or s3://): split by rank and worker, resumable.
+
+Why not webdataset's pipeline: its shard resampling and shuffle buffers draw seeds from
+pid/time unless carefully configured, and a shuffle buffer's state cannot be checkpointed
+cheaply. Here every choice is a pure function of (seed, epoch, stream, shard position), and we
+read tars with `tarfile` (which also lets us reject unsafe members and salvage truncated
+shards), so a position is just two integers per stream:
+
+- Epoch e permutes the shard list with (seed, e). Shards go to ranks round-robin, then to the
+  rank's loader workers round-robin: stream s = rank + world_size * worker owns
+  perm[s::world_size * workers] (disjoint across ranks and workers).
+- Each stream yields the same number of batches per epoch, total // (streams * B); a stream
+  that runs out of its own shards resamples them with (seed, e, s, position). Hence every rank
+  yields the same number of batches and no rank waits at an epoch end.
+- A shard is read whole (retried as a unit on I/O errors, checksummed against index.json)
+  and its samples are visited in a permutation seeded by (seed, e, s, position) - a full
+  in-shard shuffle, so `shuffle_buffer` is not needed here. Flips use the same generator.
+- A stream's cursor is (shard position, slot in the permutation). Loader workers send it with
+  each batch; the stream keeps the latest per worker, so state_dict() is exact even though
+  workers prefetch. DataLoader takes workers round-robin, which makes the batch order a
+  function of the cursors too; on resume the worker ids are rotated to continue it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ddpm_dist.data import fs
+from ddpm_dist.data.shards import centre_crop_resize, load_index, read_images, sha256
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every worker needs to produce its batches; small and picklable."""
+    base: str
+    shards: tuple[tuple[str, int, str], ...]  # (name, samples, sha256)
+    resolution: int
+    batch_size: int
+    rank: int
+    world_size: int
+    workers: int  # loader workers per rank (0 → in-process, counted as 1 stream)
+    seed: int
+    flip: bool
+    endpoint: str | None
+    retries: int
+    retry_wait: float
+
+    @property
+    def streams(self) -> int:
+        return self.world_size * max(self.workers, 1)
+
+    @property
+    def batches_per_stream(self) -> int:
+        total = sum(n for _, n, _ in self.shards)
+        return max(1, total // self.streams // self.batch_size)
+
+    def rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *key])
+
+    def shard_at(self, epoch: int, stream: int, position: int) -> int:
+        """The shard a stream reads at a position: its own ones, then seeded resamples."""
+        perm = self.rng(epoch).permutation(len(self.shards))
+        own = perm[stream::self.streams]
+        if position < len(own):
+            return int(own[position])
+        pool = own if len(own) else perm  # fewer shards than streams: draw from all
+        return int(pool[self.rng(epoch, stream, position).integers(len(pool))])
+
+
+def decode(data: bytes, resolution: int, flip: bool = False) -> np.ndarray:
+    """Image bytes → uint8 [R, R, 3]; other sizes are centre-cropped and resized."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if img.size != (resolution, resolution):
+            img = centre_crop_resize(img, resolution)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.array(img)
+
+
+def read_shard(plan: Plan, index: int) -> tuple[list[bytes], int]:
+    """A shard's image bytes and how many of its index.json samples are missing or rejected."""
+    name, count, checksum = plan.shards[index]
+    url = fs.join(plan.base, name)
+    data = fs.read_bytes(url, endpoint=plan.endpoint, retries=plan.retries, wait=plan.retry_wait)
+    if sha256(data) != checksum:
+        log.warning("%s: checksum differs from index.json; reading what is intact", url)
+    images, rejected = read_images(data, url)
+    return [b for _, b in images], max(count - len(images), rejected)
+
+
+def stream_samples(plan: Plan, epoch: int, stream: int, cursor: tuple[int, int]):
+    """Endless (image or None if corrupt, skipped-count, cursor after it) from a cursor on."""
+    position, slot = cursor
+    empty_run = 0
+    fetcher = ThreadPoolExecutor(1)  # fetches the next shard while this one is decoded
+    upcoming = fetcher.submit(read_shard, plan, plan.shard_at(epoch, stream, position))
+    try:
+        while True:
+            images, missing = upcoming.result()
+            upcoming = fetcher.submit(read_shard, plan, plan.shard_at(epoch, stream, position + 1))
+            yield from _shard_samples(plan, epoch, stream, position, slot, images, missing)
+            empty_run = empty_run + 1 if not images else 0
+            if empty_run > 2 * len(plan.shards):
+                raise fs.DataReadError(f"{plan.base}: no readable samples in any shard")
+            position, slot = position + 1, 0
+    finally:
+        fetcher.shutdown(wait=False, cancel_futures=True)
+
+
+def _shard_samples(plan: Plan, epoch: int, stream: int, position: int, slot: int,
+                   images: list[bytes], missing: int):
+    """The samples of the shard at `position` from `slot` on, in their seeded order."""
+    rng = plan.rng(epoch, stream, position, 1)
+    order, flips = rng.permutation(len(images)), rng.random(len(images)) < 0.5
+    skipped = missing if slot == 0 else 0  # counted once, on first visit of the shard
+    for k in range(slot, len(images)):
+        image = _decode_or_none(images[order[k]], plan, plan.flip and flips[k])
+        yield image, skipped + (image is None), (position, k + 1)
+        skipped = 0
+    if skipped:
+        yield None, skipped, (position + 1, 0)
+
+
+def _decode_or_none(data: bytes, plan: Plan, flip: bool) -> np.ndarray | None:
+    try:
+        return decode(data, plan.resolution, flip)
+    except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped, not fatal
+        log.warning("%s: skipping corrupt sample (%s)", plan.base, type(exc).__name__)
+        return None
+
+
+class _RankDataset(IterableDataset):
+    """One rank's data, one epoch per iteration: each loader worker runs one stream.
+
+    The first iteration continues from the given position; each later one is the next epoch
+    from its start. Persistent workers keep their own copy, so they advance in step.
+    """
+
+    def __init__(self, plan: Plan, epoch: int, batch: int, cursors: list[tuple[int, int]]):
+        self.plan, self.epoch, self.batch, self.cursors = plan, epoch, batch, cursors
+        self.started = False
+
+    def __iter__(self):
+        info = get_worker_info()
+        nw = max(self.plan.workers, 1)
+        if self.started:
+            self.epoch, self.batch, self.cursors = self.epoch + 1, 0, [(0, 0)] * nw
+        self.started = True
+        worker = ((info.id if info else 0) + self.batch) % nw  # rotation continues the order
+        done = self.batch // nw + (worker < self.batch % nw)
+        remaining = self.plan.batches_per_stream - done
+        stream = self.plan.rank + self.plan.world_size * worker
+        samples = stream_samples(self.plan, self.epoch, stream, tuple(self.cursors[worker]))
+        for _ in range(remaining):
+            yield (*_next_batch(samples, self.plan), worker)
+
+
+def put_model_range(slot: torch.Tensor, image: np.ndarray) -> None:
+    """uint8 [R, R, 3] → float [3, R, R] in [-1, 1] in place: to_model_range's arithmetic,
+    done per image while it is still in cache rather than over a whole stacked batch."""
+    slot.copy_(torch.from_numpy(image).permute(2, 0, 1)).div_(127.5).sub_(1.0)
+
+
+def _next_batch(samples, plan: Plan):
+    """([B, 3, R, R] in [-1, 1], samples skipped meanwhile, cursor after the batch).
+
+    Built in the loader worker, off the training process.
+    """
+    batch = torch.empty(plan.batch_size, 3, plan.resolution, plan.resolution)
+    n = skipped = 0
+    while n < plan.batch_size:
+        image, sk, cursor = next(samples)
+        skipped += sk
+        if image is not None:
+            put_model_range(batch[n], image)
+            n += 1
+    return batch, skipped, cursor
+
+
+def _one_line_errors(batches):
+    """A DataError from a loader worker arrives wrapped in its traceback text: keep the line."""
+    try:
+        yield from batches
+    except fs.DataError as exc:
+        kind = type(exc)
+        line = str(exc).strip().splitlines()[-1]
+        raise kind(line.removeprefix(f"{kind.__module__}.{kind.__name__}: ")) from None
+
+
+class ShardStream:
+    """Endless batches for one rank from shards under a folder or s3:// URL with index.json.
+
+    The same interface as MemoryStream: iterate for float32 [B, 3, R, R] batches in [-1, 1];
+    state_dict()/load_state_dict() hold the position. `skipped` counts corrupt or missing
+    samples so far (for TensorBoard).
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        nw = max(plan.workers, 1)
+        self.epoch, self.batch, self.skipped = 0, 0, 0
+        self.cursors = [(0, 0)] * nw
+        self.batches_per_epoch = plan.batches_per_stream * nw
+        if len(plan.shards) < plan.streams:
+            log.warning("%s: %d shards for %d streams; streams share shards", plan.base,
+                        len(plan.shards), plan.streams)
+
+    def _loader(self) -> DataLoader:
+        ds = _RankDataset(self.plan, self.epoch, self.batch, list(self.cursors))
+        # Forked workers would inherit the parent's S3 client and its open connections, whose
+        # clean-up in the child broke the parent's (a hang); forkserver workers start clean,
+        # and persist across epochs so that their start-up (~2 s) is paid once.
+        context = None
+        if self.plan.workers and self.plan.base.startswith("s3://"):
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])  # workers fork with torch etc. imported
+        return DataLoader(ds, batch_size=None, num_workers=self.plan.workers,
+                          multiprocessing_context=context, persistent_workers=self.plan.workers > 0)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        loader = self._loader()
+        while True:
+            for images, skipped, cursor, worker in _one_line_errors(loader):
+                self.cursors[worker] = tuple(int(c) for c in cursor)
+                self.skipped += int(skipped)
+                self.batch += 1
+                yield images
+            assert self.batch == self.batches_per_epoch, (self.batch, self.batches_per_epoch)
+            self.epoch, self.batch = self.epoch + 1, 0
+            self.cursors = [(0, 0)] * max(self.plan.workers, 1)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "streams": self.plan.streams,
+                "cursors": [list(c) for c in self.cursors], "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.skipped = int(state.get("skipped", 0))
+        if state.get("streams") == self.plan.streams:
+            self.cursors = [tuple(int(v) for v in c) for c in state["cursors"]]
+        else:  # another world size or worker count: the old cursors mean nothing here
+            log.warning("data position saved with %s streams, now %d: restarting epoch %d",
+                        state.get("streams"), self.plan.streams, self.epoch)
+            self.batch, self.cursors = 0, [(0, 0)] * max(self.plan.workers, 1)
+
+
+def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, world_size: int,
+                      seed: int, data_cfg) -> ShardStream:
+    """Read index.json (failing at once with one DataError line) and build the rank's stream."""
+    index = load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=data_cfg.s3_endpoint,
+                                     check=True), url)
+    if index["resolution"] != resolution:
+        log.warning("%s: shards are %d², model wants %d²: resizing while decoding", url,
+                    index["resolution"], resolution)
+    shards = tuple((s["name"], int(s["samples"]), s["sha256"]) for s in index["shards"])
+    plan = Plan(base=url.rstrip("/"), shards=shards, resolution=resolution, batch_size=batch_size,
+                rank=rank, world_size=world_size, workers=data_cfg.num_workers, seed=seed,
+                flip=data_cfg.flip, endpoint=data_cfg.s3_endpoint, retries=data_cfg.retries,
+                retry_wait=data_cfg.retry_wait)
+    return ShardStream(plan)

@@ -1,0 +1,43 @@
+"""Helpers shared by the data tests: a source of unique images, shard writing, streams."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddpm_dist.config import Config
+from ddpm_dist.data import build_stream
+from ddpm_dist.data.convert import make_shards
+
+
+class NoiseSource:
+    """Unique random images: equal pixels mean the same sample, so overlaps are detectable."""
+
+    def __init__(self, n: int, res: int):
+        self.images = np.random.default_rng(0).integers(0, 256, (n, res, res, 3), dtype=np.uint8)
+
+    def ids(self):
+        return [str(i) for i in range(len(self.images))]
+
+    def load(self, sid):
+        return Image.fromarray(self.images[int(sid)])
+
+
+def write_noise_shards(out, n=120, res=8, max_samples=10) -> str:
+    """Shards of n unique images under a folder or s3:// URL."""
+    params = {"source": "noise", "input": "", "resolution": res, "format": "png", "quality": 95,
+              "seed": 0}
+    make_shards(NoiseSource(n, res), str(out), params=params, max_samples=max_samples, progress=False)
+    return str(out)
+
+
+def stream_for(url, *, batch=4, rank=0, world=1, workers=0, flip=False, res=8, seed=1):
+    cfg = Config()
+    cfg.data.source, cfg.data.num_workers, cfg.data.flip = url, workers, flip
+    cfg.model.resolution, cfg.seed = res, seed
+    return build_stream(cfg, batch, rank=rank, world_size=world)
+
+
+def keys(x: torch.Tensor) -> list[bytes]:
+    """Each image of a [-1, 1] batch as its uint8 pixel bytes."""
+    return [((im + 1) * 127.5).round().to(torch.uint8).numpy().tobytes() for im in x]

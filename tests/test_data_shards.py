@@ -1,0 +1,110 @@
+"""make_shards and the shard format on local disk: sources, index.json, rerun, tar safety."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_dist.data.shards import read_images, safe_member_name, tar_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_shards(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--no-progress", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def shard_images(folder: Path) -> list[Image.Image]:
+    index = json.loads((folder / "index.json").read_text())
+    data = [(folder / s["name"]).read_bytes() for s in index["shards"]]
+    return [Image.open(io.BytesIO(b)) for d in data for _, b in read_images(d, "t")[0]]
+
+
+def test_digits_to_local_shards_with_index(tmp_path):
+    out = tmp_path / "digits"
+    r = make_shards("--source", "digits", "--out", str(out), "--max-samples", "500",
+                    "--resolution", "16", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert index["complete"] and index["resolution"] == 16 and index["total"] == 1797
+    assert [s["samples"] for s in index["shards"]] == [500, 500, 500, 297]
+    assert all(im.size == (16, 16) for im in shard_images(out))
+
+
+def test_rerun_keeps_verified_shards_and_rewrites_bad_ones(tmp_path):
+    out = tmp_path / "d"
+    args = ["--source", "digits", "--resolution", "8", "--max-samples", "600", "--workers", "1"]
+    assert make_shards(*args, "--out", str(out)).returncode == 0
+    first = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    (out / "shard-000001.tar").write_bytes(b"garbage")
+    r = make_shards(*args, "--out", str(out))
+    assert r.returncode == 0 and "keeping 1 verified shards" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == first  # deterministic bytes
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_folder_source_centre_crops_and_resizes(tmp_path):
+    src = tmp_path / "imgs" / "sub"
+    src.mkdir(parents=True)
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, 20:60] = 255  # the centre square is white, the sides black
+    Image.fromarray(wide).save(src / "a.png")
+    Image.fromarray(wide).save(src / "b.jpg", quality=100)
+    out = tmp_path / "out"
+    r = make_shards("--source", "folder", "--input", str(tmp_path / "imgs"), "--out", str(out),
+                    "--resolution", "8", "--format", "webp", "--quality", "100")
+    assert r.returncode == 0, r.stderr
+    images = shard_images(out)
+    assert len(images) == 2 and all(np.asarray(im.convert("L")).min() > 200 for im in images)
+
+
+def test_cifar10_python_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    for b in (1, 2):
+        batch = {b"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8),
+                 b"labels": [0] * 10, b"filenames": [f"f{i}.png".encode() for i in range(10)]}
+        (tmp_path / f"data_batch_{b}").write_bytes(pickle.dumps(batch))
+    out = tmp_path / "out"
+    r = make_shards("--source", "cifar10", "--input", str(tmp_path), "--out", str(out), "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    pixels = {np.asarray(im).tobytes() for im in shard_images(out)}
+    first = batch_image(tmp_path / "data_batch_1", 0)
+    assert len(pixels) == 20 and first in pixels  # lossless PNG round trip
+
+
+def batch_image(path: Path, i: int) -> bytes:
+    data = pickle.loads(path.read_bytes())[b"data"][i]
+    return data.reshape(3, 32, 32).transpose(1, 2, 0).tobytes()
+
+
+@pytest.mark.parametrize("name,ok", [("a/b.png", True), ("../x.png", False), ("/etc/x.png", False),
+                                     ("a/../../x.png", False), ("..\\x.png", False)])
+def test_unsafe_member_names_rejected(name, ok):
+    assert safe_member_name(name) is ok
+
+
+def test_reader_skips_escaping_members_and_salvages_truncated_tar():
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    data = tar_bytes([("000.png", png.getvalue()), ("../evil.png", png.getvalue()),
+                      ("001.png", png.getvalue())])
+    images, rejected = read_images(data, "t")
+    assert [k for k, _ in images] == ["000", "001"] and rejected == 1
+    images, _ = read_images(data[:2600], "t")  # headers+data are 1 KiB each: cut in the third
+    assert [k for k, _ in images] == ["000"]
+
+
+def test_tar_members_have_fixed_metadata():
+    info = tarfile.open(fileobj=io.BytesIO(tar_bytes([("k.png", b"x")]))).getmembers()[0]
+    assert (info.mtime, info.uname, info.mode) == (0, "", 0o644)
+    assert os.path.basename(info.name) == "k.png"
