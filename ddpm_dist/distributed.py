@@ -1,0 +1,176 @@
+"""Process-group setup from torchrun, Slurm (srun) or a single process, and small collectives.
+
+`init_distributed()` reads the launcher's environment, picks the device by local rank, and starts
+NCCL on GPU or gloo on CPU. Nothing here knows about models; engines and the loop build on it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Who started us and where the rendezvous is; `source` is torchrun, slurm or single."""
+    source: str
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split on the commas that are not inside brackets: "a[1-2,4],b" -> ["a[1-2,4]", "b"]."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(nodelist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            parts.append(nodelist[start:i])
+            start = i + 1
+    parts.append(nodelist[start:])
+    return [p for p in parts if p]
+
+
+def _expand_host(pattern: str) -> list[str]:
+    """Expand the first bracket group, then recurse into the rest: "r[1-2]n[07,9]" -> 4 hosts.
+    Ranges keep their zero padding ("01-03" -> 01, 02, 03), as Slurm writes them."""
+    m = re.search(r"\[([^\]]*)\]", pattern)
+    if not m:
+        return [pattern]
+    head, tail = pattern[:m.start()], _expand_host(pattern[m.end():])
+    hosts = []
+    for item in m.group(1).split(","):
+        lo, dash, hi = item.partition("-")
+        values = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)] if dash else [lo]
+        hosts.extend(head + v + t for v in values for t in tail)
+    return hosts
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list ("node[01-04,07],gpu1") as the hosts in order."""
+    return [h for part in _split_top_level(nodelist.strip()) for h in _expand_host(part)]
+
+
+def first_host(nodelist: str) -> str:
+    """The rendezvous host: `scontrol show hostnames` where Slurm's tools exist, else our parser."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass  # a broken scontrol must not stop training: the parser knows the format
+    return parse_nodelist(nodelist)[0]
+
+
+def _slurm_port(env: dict) -> int:
+    """A port per job, so two jobs sharing a node do not collide; MASTER_PORT overrides."""
+    if "MASTER_PORT" in env:
+        return int(env["MASTER_PORT"])
+    job_id = re.sub(r"\D", "", env.get("SLURM_JOB_ID", "0")) or "0"
+    return 15000 + int(job_id) % 20000
+
+
+def detect_launch(env: dict | None = None) -> LaunchEnv:
+    """Read torchrun's variables first (torchrun inside an sbatch job wins over Slurm's), then
+    srun's, else a single process."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]),
+                         int(env.get("LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
+                         int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        addr = env.get("MASTER_ADDR") or first_host(nodelist)
+        return LaunchEnv("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                         int(env.get("SLURM_LOCALID", 0)), addr, _slurm_port(env))
+    return LaunchEnv("single")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto", *, always_group: bool = False) -> DistInfo:
+    """Start the process group the launcher asked for. A single process gets no group unless
+    `always_group` (engines ddp/fsdp/deepspeed need one, even with one rank)."""
+    launch = detect_launch()
+    dev = _pick_device(device, launch.local_rank)
+    needs_group = launch.world_size > 1 or always_group or launch.source != "single"
+    if needs_group and not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = launch.master_addr
+        port = launch.master_port if launch.source != "single" else free_port()
+        os.environ["MASTER_PORT"] = str(port)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method="env://", rank=launch.rank,
+                                world_size=launch.world_size,
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, dev, launch.rank == 0)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; gloo only CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a float64 copy; the input is left alone). Identity without a group."""
+    t = torch.as_tensor(value, dtype=torch.float64).clone()
+    if not dist.is_initialized():
+        return t
+    t = t.to(_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).cpu()
+
+
+def any_flag(flag: bool) -> bool:
+    """True on every rank when any rank says True: a preemption signal reaches one process, and
+    all ranks must agree to stop (and save) at the same step boundary."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

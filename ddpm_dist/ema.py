@@ -1,0 +1,67 @@
+"""Exponential moving average of the weights (the paper evaluates the EMA, decay 0.9999).
+
+The EMA lives beside whatever each rank holds of the parameters: whole tensors (single, DDP,
+ZeRO-1/2), FSDP2's DTensor shards, or ZeRO-3 partitions. It is updated elementwise, so no rank
+ever gathers the model per step (DESIGN.md §5); gathering happens only to export.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a view, so writes land in the sharded parameter)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _locals(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [_local(t.detach()) for t in ts]
+
+
+class EMA:
+    """fp32 shadow copies of `params`: ema <- decay * ema + (1 - decay) * param after each step."""
+
+    def __init__(self, params: Sequence[torch.Tensor], decay: float, names: Sequence[str] | None = None):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        # Clone keeps DTensor placements: an FSDP2 shard's EMA is a shard of the same layout.
+        self.shadow = [p.detach().to(torch.float32, copy=True) for p in params]
+        self.names = list(names) if names is not None else [str(i) for i in range(len(self.shadow))]
+        assert len(self.names) == len(self.shadow), "one name per parameter"
+
+    @torch.no_grad()
+    def update(self, params: Sequence[torch.Tensor]) -> None:
+        """One EMA step; lerp(ema, p, 1 - decay) is the paper's update in one fused kernel."""
+        src = [p.float() for p in _locals(params)]  # no copy when already fp32
+        torch._foreach_lerp_(_locals(self.shadow), src, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swap_into(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Put the EMA weights into the live (possibly sharded) params, restore them on exit."""
+        live = _locals(params)
+        with torch.no_grad():
+            saved = [p.clone() for p in live]
+            torch._foreach_copy_(live, _locals(self.shadow))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, saved)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Keyed by parameter name; tensors as held (DTensor shards stay shards, for DCP)."""
+        return dict(zip(self.names, self.shadow))
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.names) - set(state))
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]}")
+        for name, e in zip(self.names, self.shadow):
+            if state[name] is not e:  # DCP loads in place: then there is nothing to copy
+                _local(e).copy_(_local(state[name]))

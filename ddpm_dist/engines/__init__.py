@@ -1,0 +1,44 @@
+"""Training engines behind one interface (see `base.Engine`): single, ddp, fsdp, deepspeed."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import Config
+from ..distributed import DistInfo
+from .base import DynamicLossScaler, Engine, StepResult, apply_block_options
+
+__all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_split"]
+
+
+def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, micro-batches per step) so the global batch holds on any world size."""
+    total = cfg.train.batch_size
+    micro = cfg.train.micro_batch_size or total // world_size
+    if micro <= 0 or total % (micro * world_size):
+        raise ValueError(f"train.batch_size={total} is not a multiple of micro_batch_size={micro} "
+                         f"x world_size={world_size}")
+    return micro, total // (micro * world_size)
+
+
+def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info: DistInfo) -> Engine:
+    """Move `model` (a UNet, fp32, same initial weights on every rank) to the device and wrap it."""
+    if cfg.engine != "single" and not dist.is_initialized():
+        raise RuntimeError(f"engine={cfg.engine} needs a process group: launch with torchrun or srun, "
+                           f"or call init_distributed(always_group=True)")
+    if cfg.engine == "single" and dist_info.world_size > 1:
+        raise RuntimeError(f"engine=single runs one process, but world_size={dist_info.world_size}; "
+                           f"use engine=ddp or engine=fsdp")
+    device = torch.device(device)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    apply_block_options(model, activation_checkpointing=cfg.train.activation_checkpointing,
+                        compile=cfg.train.compile, device=device, precision=cfg.train.precision)
+    if cfg.engine == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine
+        return DeepSpeedEngine(cfg, model, device, dist_info, *batch_split(cfg, dist_info.world_size))
+    from .torch_engines import DDPEngine, FSDPEngine, TorchEngine
+    cls = {"single": TorchEngine, "ddp": DDPEngine, "fsdp": FSDPEngine}[cfg.engine]
+    return cls(cfg, model, device, dist_info)

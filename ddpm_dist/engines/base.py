@@ -1,0 +1,149 @@
+"""The interface every engine keeps, and the pieces they share (loss scaling, block options).
+
+The training loop sees only this:
+
+    for i, (x, t) in enumerate(micro_batches):           # n micro-batches per optimizer step
+        last = i == n - 1
+        with (contextlib.nullcontext() if last else engine.no_sync()):
+            with engine.autocast():
+                loss = losses(engine.model, x, t).mean() / n   # the caller divides by n
+            engine.backward(loss, sync=last)
+    result = engine.step(lr)                               # clip, Adam, zero grads, EMA
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    grad_norm: float  # global norm before clipping (inf/nan when the step was skipped)
+    skipped: bool     # True when gradients were non-finite and the parameters did not move
+
+
+class Engine:
+    """A wrapped model + Adam + EMA (+ loss scaler). Subclasses fill in the methods."""
+
+    model: nn.Module   # call as engine.model(x, t) for training forward passes
+    module: nn.Module  # the plain UNet inside (for names; its weights may be sharded)
+
+    def autocast(self) -> ContextManager:
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """`sync=False` on every micro-batch but the last of an optimizer step."""
+        raise NotImplementedError
+
+    def no_sync(self) -> ContextManager:
+        """Wrap forward *and* backward of a non-final micro-batch to skip its gradient
+        all-reduce. DDP decides at forward time, so `backward(sync=False)` alone still reduces
+        there (correct, only slower); FSDP2 and DeepSpeed need nothing beyond `sync`."""
+        return contextlib.nullcontext()
+
+    def step(self, lr: float) -> StepResult:
+        """Unscale, clip to optim.grad_clip (global norm), skip if non-finite, Adam at `lr`,
+        zero the gradients, update the EMA."""
+        raise NotImplementedError
+
+    def ema_weights(self) -> ContextManager:
+        """Inside: engine.model computes with the EMA weights, in eval mode (no dropout)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def full_ema_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Plain CPU EMA tensors with UNet.state_dict() keys on rank 0, None elsewhere.
+        A collective under sharding: every rank must call it."""
+        raise NotImplementedError
+
+
+class DynamicLossScaler:
+    """fp16 loss scaling with torch.amp.GradScaler's constants. Our own because the skip decision
+    must come from the *global* gradient norm: under FSDP2 each rank sees only its shard, and
+    GradScaler's per-rank inf check would let ranks disagree on whether to step."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval, self.growth_tracker = growth_interval, 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    @torch.no_grad()
+    def unscale_(self, params: list[nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.enabled and grads:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def update(self, finite: bool) -> None:
+        """Back off after an overflow; grow after `growth_interval` clean steps in a row."""
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.growth_tracker = 0
+        else:
+            self.growth_tracker += 1
+            if self.growth_tracker == self.growth_interval:
+                self.scale *= self.growth_factor
+                self.growth_tracker = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": torch.tensor(self.scale, dtype=torch.float64),
+                "growth_tracker": torch.tensor(self.growth_tracker, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.growth_tracker = int(state["growth_tracker"])
+
+
+def autocast_context(device: torch.device, precision: str) -> ContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def _checkpointed(forward, *args):
+    # use_reentrant=False: works with FSDP2 hooks and inputs that do not require grad.
+    return checkpoint(forward, *args, use_reentrant=False)
+
+
+def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, compile: bool,
+                        device: torch.device, precision: str) -> None:
+    """Per-Block activation checkpointing and torch.compile, in place so parameter names (and so
+    checkpoints) stay those of the plain UNet. Call before sharding."""
+    if compile:
+        guard_cpu_compile(device, precision)
+    for block in model.blocks():
+        if activation_checkpointing:
+            block.forward = functools.partial(_checkpointed, block.forward)
+        if compile:
+            block.compile()
+
+
+def guard_cpu_compile(device: torch.device, precision: str) -> None:
+    """Inductor's AVX-512/AMX CPU code corrupts bf16/fp16 gradients (NaN, ~1e38; STACK-NOTES).
+    Force 256-bit (AVX2) vector code for low precision on CPU rather than train on garbage."""
+    if device.type != "cpu" or precision == "fp32":
+        return
+    import torch._inductor.config as inductor_config
+    inductor_config.cpp.simdlen = 256  # AVX2 if the CPU has it, else scalar code; both are safe
+    warnings.warn(f"torch.compile with {precision} on CPU: using AVX2 vector code instead of "
+                  "AVX-512/AMX, which produced NaN gradients here", stacklevel=3)

@@ -1,0 +1,148 @@
+"""Engines on plain PyTorch: `single` (no wrapper), `ddp` (DistributedDataParallel) and `fsdp`
+(FSDP2 `fully_shard` per U-Net block, then the root). They share Adam, clipping, the fp16 loss
+scaler, the EMA and the DCP-ready state dict; only wrapping and gradient sync differ."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed.checkpoint.state_dict as dcp_sd
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ..config import Config
+from ..distributed import DistInfo
+from ..ema import EMA
+from .base import DTYPES, DynamicLossScaler, Engine, StepResult, autocast_context
+
+
+def make_adam(cfg: Config, params: list[nn.Parameter], device: torch.device) -> torch.optim.Adam:
+    """The paper's Adam: no weight decay. Fused kernels on CUDA, foreach elsewhere."""
+    o = cfg.optim
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=0.0, **fast)
+
+
+class TorchEngine(Engine):
+    """single: `model` is the module itself; subclasses wrap it."""
+
+    def __init__(self, cfg: Config, module: nn.Module, device: torch.device, info: DistInfo):
+        self.cfg, self.module, self.device, self.info = cfg, module, device, info
+        self.model = self._wrap(module)
+        self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters()])
+        self.optimizer = make_adam(cfg, list(self.params), device)
+        self.scaler = DynamicLossScaler(enabled=cfg.train.precision == "fp16")
+        self.ema = EMA(self.params, cfg.train.ema_decay, names=self.names)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def autocast(self):
+        return autocast_context(self.device, self.cfg.train.precision)
+
+    def _set_grad_sync(self, sync: bool) -> None:
+        """Where the wrapper decides at backward time whether to reduce gradients (FSDP2)."""
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        self._set_grad_sync(sync)
+        self.scaler.scale_loss(loss).backward()
+
+    def _global_grad_norm(self) -> float:
+        """Clip to cfg.optim.grad_clip and return the norm before clipping, over all shards."""
+        norm = nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def step(self, lr: float) -> StepResult:
+        self.scaler.unscale_(self.params)
+        norm = self._global_grad_norm()
+        finite = math.isfinite(norm)  # the same on every rank: the norm is all-reduced
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.scaler.update(finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:  # a skipped step leaves the weights, so the EMA stays too
+            self.ema.update(self.params)
+        return StepResult(grad_norm=norm, skipped=not finite)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with self.ema.swap_into(self.params):
+                yield
+        finally:
+            self.module.train(was_training)
+
+    def state_dict(self) -> dict:
+        """Model and Adam via DCP's state_dict API (reshardable), EMA keyed like the model."""
+        model_sd, optim_sd = dcp_sd.get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "ema": self.ema.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        dcp_sd.set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                              optim_state_dict=state["optim"])
+        self.ema.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def full_ema_state_dict(self) -> dict[str, torch.Tensor] | None:
+        full = {n: _full(t).detach().cpu().clone() for n, t in self.ema.state_dict().items()}
+        return full if self.info.is_main else None
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class DDPEngine(TorchEngine):
+    """Replicated weights, gradients all-reduced in backward."""
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+
+    def no_sync(self):
+        # DDP decides at forward time whether backward reduces, so this wraps both.
+        return self.model.no_sync()
+
+
+class FSDPEngine(TorchEngine):
+    """FSDP2: each Block (and the time embedding) its own shard group, then the root."""
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(self.device.type, (self.info.world_size,))
+        dtype = DTYPES[self.cfg.train.precision]
+        mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None,
+                                  reduce_dtype=torch.float32)
+        # The time MLP gets its own group so its fp32 sinusoidal input is cast to param_dtype
+        # on entry (cast_forward_inputs); in the root group it would meet bf16 weights as fp32.
+        for unit in [module.temb, *module.blocks()]:
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+        return module
+
+    def autocast(self):
+        return contextlib.nullcontext()  # MixedPrecisionPolicy casts weights and inputs
+
+    def _set_grad_sync(self, sync: bool) -> None:
+        # Off: gradients accumulate unsharded, unreduced; the last micro-batch reduce-scatters.
+        self.model.set_requires_gradient_sync(sync)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        from torch.distributed.fsdp import FSDPModule
+        with super().ema_weights():
+            yield
+            for m in self.model.modules():  # drop gathered EMA weights before the live ones return
+                if isinstance(m, FSDPModule):
+                    m.reshard()
