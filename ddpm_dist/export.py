@@ -1,0 +1,92 @@
+"""The single-file model used for sampling: EMA weights + the model and diffusion settings.
+
+`.safetensors` (tensors + the settings as JSON metadata) or `.pt` (a dict of tensors and plain
+values, loaded with `weights_only=True`). Neither format can run code when loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ddpm_dist.config import Config, ConfigError, DiffusionConfig, ModelConfig, build_section, config_to_dict
+from ddpm_dist.diffusion import GaussianDiffusion
+from ddpm_dist.factory import build_diffusion, build_model
+from ddpm_dist.unet import UNet
+
+FORMAT = "ddpm-dist/1"
+
+
+def save_model_file(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: Config) -> None:
+    """Write weights and settings to `path` (.safetensors or .pt) via a temp name + rename."""
+    path = Path(path)
+    settings = {"format": FORMAT, "model": config_to_dict(cfg)["model"],
+                "diffusion": config_to_dict(cfg)["diffusion"]}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(tensors, str(tmp), metadata={"ddpm_dist": json.dumps(settings)})
+    elif path.suffix == ".pt":
+        torch.save({"settings": json.dumps(settings), "state_dict": tensors}, tmp)
+    else:
+        raise ValueError(f"{path}: model files end in .safetensors or .pt")
+    os.replace(tmp, path)
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, DiffusionConfig]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist (write one with tools/export.py)")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("ddpm_dist")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        raw, tensors = blob.get("settings"), blob.get("state_dict", {})
+    if raw is None:
+        raise ValueError(f"{path} is not a ddpm-dist model file (no settings); convert it with "
+                         f"tools/convert_diffusers.py or export a checkpoint with tools/export.py")
+    settings = json.loads(raw)
+    try:
+        model_cfg = build_section(ModelConfig, settings["model"], "model.")
+        diffusion_cfg = build_section(DiffusionConfig, settings["diffusion"], "diffusion.")
+    except (KeyError, ConfigError) as e:
+        raise ValueError(f"{path}: unreadable settings ({e})") from None
+    return tensors, model_cfg, diffusion_cfg
+
+
+def load_model_file(path: str | Path) -> tuple[UNet, GaussianDiffusion]:
+    """The network (eval mode, EMA weights) and its diffusion process."""
+    tensors, model_cfg, diffusion_cfg = read_model_file(path)
+    model = build_model(model_cfg)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise ValueError(f"{path}: weights do not fit the stored model settings "
+                         f"({'missing' if missing else 'unexpected'} key {key})")
+    return model.eval(), build_diffusion(diffusion_cfg)
+
+
+def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the EMA weights of a training checkpoint (or of a run's newest one) as a model file.
+    Runs in one process: DCP reshards whatever world size wrote the checkpoint."""
+    from ddpm_dist.checkpoint import CheckpointError, checkpoint_config, latest_checkpoint, load_checkpoint
+    from ddpm_dist.distributed import init_distributed
+    from ddpm_dist.engines import build_engine
+
+    path = Path(run_or_checkpoint)
+    ckpt = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
+    if ckpt is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint yet")
+    cfg = dataclasses.replace(checkpoint_config(ckpt), engine="single", device="cpu")
+    info = init_distributed("cpu")
+    engine = build_engine(cfg, build_model(cfg.model), info.device, info)
+    load_checkpoint(ckpt, engine)
+    save_model_file(out, engine.full_ema_state_dict(), cfg)
+    return ckpt

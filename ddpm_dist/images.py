@@ -1,0 +1,38 @@
+"""Model outputs to pictures: [-1, 1] floats → uint8, grids, atomically written PNGs."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → uint8 [0, 255], rounding as the original code's sample export does."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """uint8 [N, C, H, W] → uint8 [C, rows·(H+pad)+pad, cols·(W+pad)+pad], as square as possible."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(c, rows * (h + pad) + pad, cols * (w + pad) + pad, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
+    return grid
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> None:
+    """uint8 [C, H, W] → PNG, written to a temp name and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    array = image.permute(1, 2, 0).cpu().numpy()
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -1,0 +1,73 @@
+"""Numbers for the dashboard: throughput, MFU from a FLOP count of the model, memory, loss by t."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ddpm_dist.config import ModelConfig
+
+# Dense bf16 peak FLOP/s by device name; MFU is reported only where the peak is known.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def model_flops_per_image(model: torch.nn.Module, cfg: ModelConfig) -> float:
+    """Training FLOPs per image: 3 × the forward FLOPs (forward + backward ≈ 2 × forward), counted
+    on the meta device so no real compute is spent."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(model).to("meta")
+    x = torch.zeros(1, cfg.in_channels, cfg.resolution, cfg.resolution, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        meta(x, torch.zeros(1, dtype=torch.long, device="meta"))
+    return 3.0 * counter.get_total_flops()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class StepTimer:
+    """Images/s between reports; the first step (warm-up, compilation) is left out."""
+
+    def __init__(self):
+        self.since, self.images = None, 0
+
+    def tick(self, images: int) -> None:
+        if self.since is None:
+            self.since = time.perf_counter()
+        else:
+            self.images += images
+
+    def rates(self, world_size: int, flops_per_image: float, peak: float | None) -> dict:
+        now = time.perf_counter()
+        elapsed = now - self.since if self.since is not None else 0.0
+        ips = self.images / elapsed if elapsed > 0 else 0.0
+        self.since, self.images = now, 0
+        out = {"perf/images_per_s": ips, "perf/images_per_s_per_device": ips / world_size}
+        if peak:
+            out["perf/mfu"] = ips / world_size * flops_per_image / peak
+        return out
+
+
+def memory_gb(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"memory/max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "memory/reserved_gb": torch.cuda.memory_reserved(device) / 2**30}
+
+
+def loss_by_quarter(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict:
+    """Mean loss per quarter of the timestep range (this rank's batch)."""
+    quarter = (t * 4 // num_timesteps).clamp(max=3)
+    out = {}
+    for q in range(4):
+        mask = quarter == q
+        if mask.any():
+            out[f"loss_q{q}"] = losses[mask].float().mean().item()
+    return out

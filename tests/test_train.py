@@ -1,0 +1,156 @@
+"""Training on CPU: it learns the digits, resumes exactly after kill -9, and refuses bad checkpoints."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_dist.config import load_config
+from ddpm_dist.data.digits import load_digits_images
+from ddpm_dist.data.memory import to_model_range
+from ddpm_dist.export import export_checkpoint, load_model_file, read_model_file
+from ddpm_dist.factory import build_diffusion, build_model
+from ddpm_dist.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small U-Net of the paper's design and a 50-step diffusion keep each run to seconds.
+TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[8]",
+        "diffusion.num_timesteps=50", "train.batch_size=8", "train.num_samples=4", "train.log_every=1",
+        "train.ckpt_every=4", "train.keep_last=2", "optim.warmup_steps=10", "train.ema_decay=0.9"]
+
+
+def run_train(out_dir, *overrides, wait=True):
+    cmd = [sys.executable, "-m", "ddpm_dist.train", "--config", "configs/demo_digits.yaml",
+           f"out_dir={out_dir}", *TINY, *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = proc.communicate(timeout=600)
+        return proc.returncode, err
+    return proc
+
+
+def losses(out_dir) -> dict[int, float]:
+    """step → loss; a resumed run rewrites the steps after its checkpoint, the last line wins."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def wait_for_step(out_dir, step, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    path = Path(out_dir) / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        if path.exists() and max(losses(out_dir), default=0) >= step:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"run did not reach step {step}")
+
+
+def test_kill_9_and_resume_continues_exactly(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_train(straight, "train.total_steps=16")[0] == 0
+
+    proc = run_train(killed, "train.total_steps=1000", wait=False)
+    wait_for_step(killed, 9, proc)  # the step-8 checkpoint is written before step 9 is logged
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    resumed_from = max(int(p.name[5:]) for p in (killed / "checkpoints").glob("step_????????"))
+    assert 8 <= resumed_from < 16
+
+    code, err = run_train(killed, "train.total_steps=16")
+    assert code == 0, err
+    assert f"resumed from {killed / 'checkpoints'}" in err
+    a, b = losses(straight), losses(killed)
+    assert [a[s] for s in range(1, 17)] == [b[s] for s in range(1, 17)]  # bitwise on CPU
+    export_checkpoint(straight, tmp_path / "a.safetensors")
+    export_checkpoint(killed, tmp_path / "b.safetensors")
+    wa, wb = read_model_file(tmp_path / "a.safetensors")[0], read_model_file(tmp_path / "b.safetensors")[0]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupted_checkpoint_write_is_ignored_and_bad_checkpoints_are_named(tmp_path):
+    run = tmp_path / "run"
+    assert run_train(run, "train.total_steps=8")[0] == 0
+    # What a kill during a save leaves behind: a .partial folder with a half-written file.
+    partial = run / "checkpoints" / "step_00000012.partial"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"\x00" * 100)
+    code, err = run_train(run, "train.total_steps=10")
+    assert code == 0, err
+    assert "resumed from" in err and "step_00000008" in err
+    assert max(losses(run)) == 10
+
+    code, err = run_train(run, "train.total_steps=12", "model.ch=64")
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "was written with model.ch=32, this run has 64" in last
+
+    shutil.rmtree(partial)
+    os.remove(run / "checkpoints" / "step_00000010" / ".metadata")
+    code, err = run_train(run, "train.total_steps=12")
+    assert code == 2 and "is not a complete DCP checkpoint" in err.strip().splitlines()[-1]
+
+
+def test_stop_signal_saves_a_checkpoint_at_a_step_boundary(tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(run, "train.total_steps=1000", wait=False)
+    wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    saved = max(int(p.name[5:]) for p in (run / "checkpoints").glob("step_????????"))
+    assert saved == max(losses(run)) and "stop requested" in err
+
+
+def test_tensorboard_events_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert run_train(run, "train.total_steps=3", "train.sample_every=3")[0] == 0
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss", "grad_norm", "lr", "perf/images_per_s"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert "samples/ema" in tags["images"]
+    assert (run / "samples" / "step_00000003.png").is_file()
+    assert load_config(run / "config.yaml").train.total_steps == 3
+
+
+@pytest.mark.slow
+def test_demo_learns_the_digits(tmp_path):
+    """A few hundred steps on the digits: the loss falls well below its start and EMA samples'
+    pixel statistics move from the untrained model's toward the data's."""
+    cfg = load_config("configs/demo_digits.yaml", [f"out_dir={tmp_path}", "train.total_steps=400",
+                                                   "train.batch_size=32", "train.num_samples=16",
+                                                   "train.sample_every=400", "train.ckpt_every=400",
+                                                   "train.ema_decay=0.99"])
+    torch.set_num_threads(2)
+    train(cfg)
+    history = losses(tmp_path)
+    first, last = sum(history[s] for s in range(1, 11)) / 10, sum(history[s] for s in range(391, 401)) / 10
+    assert last < 0.35 * first, (first, last)
+
+    export_checkpoint(tmp_path, tmp_path / "model.safetensors")
+    trained, diffusion = load_model_file(tmp_path / "model.safetensors")
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg.model).eval()
+    data = to_model_range(load_digits_images(16))
+
+    def stats(images):  # mean image and the fraction of ink pixels
+        return images.mean(0), (images > 0).float().mean()
+
+    data_mean, data_ink = stats(data)
+    shape = (32, 3, 16, 16)
+    for_model = lambda m: diffusion.p_sample_loop(m, shape, generator=torch.Generator().manual_seed(0))
+    before, after = stats(for_model(untrained)), stats(for_model(trained))
+    dist = lambda s: ((s[0] - data_mean).square().mean().sqrt().item(), abs(s[1] - data_ink).item())
+    d_before, d_after = dist(before), dist(after)
+    assert d_after[0] < 0.5 * d_before[0] and d_after[1] < 0.5 * d_before[1], (d_before, d_after)

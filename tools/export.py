@@ -1,0 +1,32 @@
+"""Write a training run's EMA weights as one model file for sampling.
+
+    python tools/export.py runs/cifar10 --out cifar10_ema.safetensors
+    python tools/export.py runs/cifar10/checkpoints/step_00800000 --out cifar10_ema.pt
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+from ddpm_dist.checkpoint import CheckpointError  # noqa: E402
+from ddpm_dist.config import ConfigError  # noqa: E402
+from ddpm_dist.export import export_checkpoint  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    parser.add_argument("--out", required=True, help="model file: .safetensors or .pt (weights only)")
+    args = parser.parse_args()
+    try:
+        ckpt = export_checkpoint(args.source, args.out)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (EMA weights of {ckpt})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
