@@ -223,9 +223,10 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def calc_bpd_loop(self, model: Callable, x_start: torch.Tensor, clip_denoised: bool = True,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, generator: Generator = None) -> dict:
         """The full variational bound L = L_T + Σ_{t>1} L_{t-1} + L_0 (Eq. 5) in bits/dim, one model
-        call per t on the whole batch → total_bpd [B], prior_bpd [B], vb [B, T], mse [B, T]."""
+        call per t on the whole batch → total_bpd [B], prior_bpd [B], vb [B, T], mse [B, T].
+        With one generator per image, image i's q_sample noise depends on its generator only."""
         B, T = x_start.shape[0], self.num_timesteps
         vb = torch.zeros(B, T, dtype=torch.float64, device=x_start.device)
         mse = torch.zeros_like(vb)
@@ -235,7 +236,8 @@ class GaussianDiffusion:
             steps = tqdm(steps, desc="bits/dim", unit="step")
         for i in steps:
             t = torch.full((B,), i, dtype=torch.long, device=x_start.device)
-            x_t = self.q_sample(x_start, t)
+            noise = torch.randn_like(x_start) if generator is None else randn(x_start.shape, generator, x_start.device)
+            x_t = self.q_sample(x_start, t, noise=noise.to(x_start.dtype))
             vb[:, i], pred_xstart = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised)
             mse[:, i] = mean_flat((pred_xstart - x_start) ** 2)
         prior = self.prior_bpd(x_start).double()

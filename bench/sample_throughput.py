@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Samples/s of our samplers beside diffusers' DDPMPipeline / DDIMPipeline on the same topology.
+
+    python bench/sample_throughput.py [--models cifar10 lsun_church] [--steps 1000] [--batch-size 256]
+                                      [--repeats 3] [--device cuda] [--bf16]
+
+For each paper model (random weights: speed does not depend on them) and each sampler (ancestral
+DDPM, DDIM η=0) it times `Sampler` (per-sample generators, the path of tools/fid_sample.py, minus
+PNG writing) and, if `diffusers` is importable, its pipeline on a UNet2DModel of the same layout
+(channels, blocks, attention resolutions; ≈ the same parameter count), same batch, same steps.
+Each number is the median of --repeats timed runs after one warm-up run. The 50k line projects
+the time of 50,000 samples at 1000 steps from the measured per-step rate (issue 6's goal on one
+H200: CIFAR-10 ≤ 35 min).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddpm_dist.config import load_config  # noqa: E402
+from ddpm_dist.factory import build_diffusion, build_model  # noqa: E402
+from ddpm_dist.samplers import Sampler, sample_generators  # noqa: E402
+from ddpm_dist.unet import count_parameters  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def diffusers_unet(m):
+    """UNet2DModel with our layout (google/ddpm-cifar10-32 and ddpm-church-256 are built so)."""
+    from diffusers import UNet2DModel
+    attn = [m.resolution // 2 ** level in m.attn_resolutions for level in range(len(m.ch_mult))]
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    return UNet2DModel(sample_size=m.resolution, in_channels=m.in_channels, out_channels=m.out_ch,
+                       layers_per_block=m.num_res_blocks, block_out_channels=tuple(m.ch * k for k in m.ch_mult),
+                       down_block_types=down, up_block_types=up, norm_eps=1e-6, downsample_padding=0,
+                       flip_sin_to_cos=False, freq_shift=1, dropout=m.dropout).eval()
+
+
+def time_median(fn, repeats: int, device) -> float:
+    """Median seconds of `repeats` runs after a warm-up (kernel selection, allocator)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ours(cfg, sampler: str, args, device):
+    model = build_model(cfg.model).to(device).eval()
+    s = Sampler(model, build_diffusion(cfg.diffusion), (cfg.model.in_channels, cfg.model.resolution,
+                cfg.model.resolution), sampler=sampler, steps=args.steps, eta=0.0, bf16=args.bf16)
+    return (lambda: s(sample_generators(0, range(args.batch_size), device), device)), count_parameters(model)
+
+
+def theirs(cfg, sampler: str, args, device):
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+    unet = diffusers_unet(cfg.model).to(device)
+    T = cfg.diffusion.num_timesteps
+    if sampler == "ddpm":
+        pipe = DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=T, beta_schedule="linear",
+                                                variance_type="fixed_large"))
+        kw = {}
+    else:
+        pipe, kw = DDIMPipeline(unet, DDIMScheduler(num_train_timesteps=T, beta_schedule="linear")), {"eta": 0.0}
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            pipe(batch_size=args.batch_size, num_inference_steps=args.steps or T, generator=gen,
+                 output_type="np", **kw)
+    return run, sum(p.numel() for p in unet.parameters())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["cifar10", "lsun_church"], help="configs/<name>.yaml")
+    p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"])
+    p.add_argument("--steps", type=int, default=None, help="sampling steps K (default: all T)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    try:
+        import diffusers
+        impls = {"ddpm-dist": ours, f"diffusers {diffusers.__version__}": theirs}
+    except ImportError:
+        impls = {"ddpm-dist": ours}
+        print("diffusers is not importable: its rows are skipped (pip install diffusers)")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({where}), batch {args.batch_size}, steps {args.steps or 'T'}, bf16 {args.bf16}, "
+          f"median of {args.repeats}")
+    print("| model | sampler | implementation | params | samples/s | 50k × 1000 steps (projected) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in args.models:
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        steps = args.steps or cfg.diffusion.num_timesteps
+        for sampler in args.samplers:
+            for impl, build in impls.items():
+                torch.manual_seed(0)
+                fn, params = build(cfg, sampler, args, device)
+                with torch.no_grad():
+                    seconds = time_median(fn, args.repeats, device)
+                rate = args.batch_size / seconds
+                projected_h = 50_000 * 1000 / (rate * steps) / 3600
+                print(f"| {name} | {sampler} | {impl} | {params / 1e6:.2f}M | {rate:.3g} | {projected_h:.3g} h |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Start W ranks of an entry-point script: here, as local processes, or as a Slurm job.
+
+Every way ends in the same place: the script runs once per rank with torchrun's or srun's
+variables set, and `distributed.init_distributed` reads them. So a tool's main only asks
+`needs_launch()`; if the ranks already exist (torchrun, srun, or a rank we spawned) it works.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ddpm_dist.distributed import detect_launch, free_port
+
+
+def needs_launch(world_size: int) -> bool:
+    """True when this process must start the ranks itself (not inside torchrun/srun, W > 1)."""
+    return detect_launch().source == "single" and world_size > 1
+
+
+def _die_with_parent() -> None:
+    """Linux: the rank gets SIGKILL when the launcher dies, so a killed run leaves no orphans."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_local(script: str | Path, argv: list[str], world_size: int) -> int:
+    """W processes of `script argv` on this machine with torchrun's variables; the first
+    failure stops the others. Returns the exit code of the run."""
+    port = free_port()
+    # As torchrun: W ranks each with all cores' OpenMP threads oversubscribe the CPU, and
+    # spinning OpenMP threads then slow every rank down many times over.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS=threads)
+        procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env,
+                                      preexec_fn=_die_with_parent))
+    return _wait_all(procs)
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> int:
+    """Wait for every rank; a rank that fails would leave the others blocked in a collective."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+            return failed[0]
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.2)
+
+
+def run_slurm(script: str | Path, argv: list[str], world_size: int, *, gpus_per_node: int,
+              folder: str | Path, partition: str | None = None, timeout_min: int = 24 * 60,
+              cpus_per_task: int = 8) -> int:
+    """A submitit job of W tasks over ceil(W / gpus_per_node) nodes, one GPU per task; each task
+    runs `script argv` (srun sets SLURM_PROCID, which the script reads). Waits for the job."""
+    import submitit  # optional: only this launcher needs it
+    nodes = math.ceil(world_size / gpus_per_node)
+    per_node = min(world_size, gpus_per_node)
+    if nodes * per_node != world_size:
+        raise ValueError(f"--world-size {world_size} must be at most --gpus-per-node {gpus_per_node} "
+                         f"or a multiple of it (Slurm starts the same task count on every node)")
+    executor = submitit.AutoExecutor(folder=str(folder))
+    params = dict(nodes=nodes, tasks_per_node=per_node, cpus_per_task=cpus_per_task, timeout_min=timeout_min)
+    if gpus_per_node > 0:
+        params["gpus_per_node"] = per_node
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    job = executor.submit(submitit.helpers.CommandFunction([sys.executable, str(script), *argv],
+                                                           cwd=os.getcwd()))
+    print(f"submitted Slurm job {job.job_id}: {world_size} tasks on {nodes} node(s); logs in {folder}",
+          flush=True)
+    job.results()  # raises with the failing task's log if any task failed
+    return 0

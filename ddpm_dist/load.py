@@ -1,0 +1,90 @@
+"""The network to evaluate: an exported model file, a training checkpoint folder, or random init.
+
+Used by the evaluation tools (fid_sample, eval_nll) and benchmarks. A checkpoint folder is
+read with a `single` engine in this process only (no process group yet), so every rank of a
+sampling run loads the same EMA weights whatever engine and world size wrote them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ddpm_dist.config import Config, ConfigError, load_config
+from ddpm_dist.diffusion import GaussianDiffusion
+from ddpm_dist.factory import build_diffusion, build_model
+from ddpm_dist.unet import UNet
+
+
+class ModelSourceError(ValueError):
+    """The model to evaluate cannot be found or read; the message says what to pass instead."""
+
+
+def _run_config(ckpt_dir: Path, config_path: str | None) -> Config:
+    """--config if given, else the config.yaml that training saved in the run folder."""
+    if config_path is not None:
+        return load_config(config_path)
+    for folder in (ckpt_dir, *ckpt_dir.parents[:3]):
+        if (folder / "config.yaml").is_file():
+            return load_config(folder / "config.yaml")
+    raise ModelSourceError(f"{ckpt_dir}: no config.yaml in the run folder; pass --config CFG")
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """step_XXXXXXXX itself, or the latest complete one under a run or checkpoints folder."""
+    from ddpm_dist.checkpoint import latest_checkpoint
+    if (path / ".metadata").is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = latest_checkpoint(folder)
+        if found is not None:
+            return found
+    raise ModelSourceError(f"{path}: no complete checkpoint (step_XXXXXXXX/ with .metadata) here")
+
+
+def load_checkpoint_ema(path: Path, config_path: str | None) -> tuple[UNet, GaussianDiffusion, Config]:
+    """EMA weights of a DCP training checkpoint, via a single-process `single` engine."""
+    from ddpm_dist.checkpoint import CheckpointError, load_checkpoint
+    from ddpm_dist.distributed import DistInfo
+    from ddpm_dist.engines import build_engine
+    folder = _checkpoint_folder(path)
+    cfg = _run_config(folder, config_path)
+    if cfg.engine == "deepspeed":
+        raise ModelSourceError(f"{folder}: DeepSpeed checkpoints must be exported first (tools/export.py)")
+    # Plain fp32 module: no compile, no activation checkpointing, whatever training used.
+    cfg = dataclasses.replace(cfg, engine="single", train=dataclasses.replace(
+        cfg.train, compile=False, activation_checkpointing=False))
+    model = build_model(cfg.model)
+    engine = build_engine(cfg, model, torch.device("cpu"), DistInfo(0, 1, 0, torch.device("cpu"), True))
+    try:
+        load_checkpoint(folder, engine)
+    except CheckpointError as e:
+        raise ModelSourceError(str(e)) from None
+    fresh = build_model(cfg.model)
+    fresh.load_state_dict(engine.full_ema_state_dict())
+    return fresh.eval(), build_diffusion(cfg.diffusion), cfg
+
+
+def load_for_evaluation(ckpt: str | None, config_path: str | None = None, *,
+                        random_init: bool = False) -> tuple[UNet, GaussianDiffusion]:
+    """(network in eval mode, diffusion) from --ckpt / --config / --random-init."""
+    if random_init:
+        if config_path is None:
+            raise ModelSourceError("--random-init builds the model from --config CFG; pass one")
+        cfg = load_config(config_path)
+        torch.manual_seed(0)  # the same untrained weights on every rank and every run
+        return build_model(cfg.model).eval(), build_diffusion(cfg.diffusion)
+    if ckpt is None:
+        raise ModelSourceError("pass --ckpt (a model file or checkpoint folder) or --random-init")
+    path = Path(ckpt)
+    if not path.exists():
+        raise ModelSourceError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        model, diffusion, _ = load_checkpoint_ema(path, config_path)
+        return model, diffusion
+    from ddpm_dist.export import load_model_file
+    return load_model_file(path)
+
+
+__all__ = ["ModelSourceError", "ConfigError", "load_for_evaluation", "load_checkpoint_ema"]

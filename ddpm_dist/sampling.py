@@ -1,0 +1,199 @@
+"""Distributed sample generation for FID: per-sample generators, strided slices, atomic writes.
+
+Sample i comes from the generator seeded by (seed, i) (`samplers.sample_generators`), so the
+images do not depend on the world size, the batch size or which samples a rerun skips. Each
+is written atomically as `DIR/{i - i % 1000:06d}/{i:06d}.png`; a rerun keeps the finished
+ones and splits only the missing indices over the ranks (strided, so work stays even). At the
+end rank 0 merges an ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order).
+Optionally each rank streams Inception statistics of its samples; the float64 sums are
+all-reduced (nothing is gathered) and rank 0 writes FID / IS to the result JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from ddpm_dist.distributed import DistInfo, barrier
+from ddpm_dist.images import save_png, to_uint8
+from ddpm_dist.samplers import Sampler, sample_generators
+
+
+@dataclass
+class SampleJob:
+    """What to sample; everything a result needs to be reproduced."""
+    out: str
+    num_samples: int
+    seed: int = 0
+    batch_size: int = 64
+    sampler: str = "ddpm"
+    steps: int | None = None
+    eta: float = 0.0
+    bf16: bool = False
+
+
+def sample_path(out: str | Path, i: int) -> Path:
+    """`{i:06d}.png` in a subfolder per 1000 samples, so no folder holds 50k files."""
+    return Path(out) / f"{i - i % 1000:06d}" / f"{i:06d}.png"
+
+
+def npz_path(out: str | Path, n: int, h: int, w: int) -> Path:
+    return Path(out) / f"samples_{n}x{h}x{w}x3.npz"
+
+
+def missing_indices(out: str | Path, n: int) -> list[int]:
+    """Indices without a finished PNG (a PNG exists only once complete: written by rename)."""
+    return [i for i in range(n) if not sample_path(out, i).is_file()]
+
+
+def remove_partial_files(out: str | Path) -> None:
+    """Temp files of a killed run (`.000123.png.tmp<pid>`); no writer is running now."""
+    for tmp in Path(out).glob("*/.*.png.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of the sampled weights (names, shapes, float32 bytes): the same for a .pt, a
+    .safetensors file or a checkpoint folder holding the same EMA weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """uint8 [3, H, W] of a sample PNG (grey samples become RGB, as the npz stores them)."""
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def rgb(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, C, H, W] → [B, 3, H, W]: one-channel models give grey RGB."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def generate_batch(sampler: Sampler, indices: list[int], seed: int, batch: int, device) -> torch.Tensor:
+    """uint8 [B, C, H, W] samples of `indices`. A short last batch is padded to `batch` rows, so
+    all model calls of a rank have one shape (no kernel re-selection or recompile for it)."""
+    gens = sample_generators(seed, indices, device)
+    pad = batch - len(indices)
+    gens += [torch.Generator(device).manual_seed(0) for _ in range(pad)]
+    return to_uint8(sampler(gens, device)[:len(indices)]).cpu()
+
+
+def write_samples(out: str | Path, indices: list[int], images: torch.Tensor) -> None:
+    for i, image in zip(indices, images):
+        path = sample_path(out, i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(image, path)
+
+
+def merge_npz(out: str | Path, n: int) -> Path:
+    """All N samples in index order as `arr_0` uint8 NHWC; written to a temp name and renamed."""
+    first = load_png(sample_path(out, 0))
+    _, h, w = first.shape
+    arr = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        arr[i] = load_png(sample_path(out, i)).permute(1, 2, 0).numpy()
+    path = npz_path(out, n, h, w)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temp name
+        np.savez(f, arr_0=arr)
+    os.replace(tmp, path)
+    return path
+
+
+class StreamingScore:
+    """Inception FID and IS statistics of samples as they are made; float64 sums per rank."""
+
+    def __init__(self, inception, num_samples: int, device, splits: int = 10):
+        from ddpm_dist.metrics.inception import FEATURE_DIM, NUM_LOGITS
+        from ddpm_dist.metrics.inception_score import InceptionScoreStats
+        from ddpm_dist.metrics.stats import FeatureStats
+        self.inception, self.num_samples, self.device, self.splits = inception, num_samples, device, splits
+        self.fid = FeatureStats(FEATURE_DIM, device=device)
+        self.inception_score = InceptionScoreStats(NUM_LOGITS, splits, device=device)
+
+    @torch.no_grad()
+    def update(self, indices: list[int], images: torch.Tensor) -> None:
+        """uint8 samples, exactly as saved: the score is that of the PNGs."""
+        from ddpm_dist.metrics.inception_score import split_of
+        features, logits = self.inception(rgb(images).to(self.device).float() / 255)
+        self.fid.update(features)
+        self.inception_score.update(logits, split_of(torch.tensor(indices), self.num_samples, self.splits))
+
+    def all_reduce(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.fid.all_reduce()
+            self.inception_score.all_reduce()
+
+    def result(self, out_dir: str | Path, ref_stats: tuple[np.ndarray, np.ndarray] | None) -> dict:
+        """IS, FID against `ref_stats`, and the samples' mu/sigma saved as `inception_stats.npz`
+        (pytorch-fid format: tools/fid.py can score them against other references later)."""
+        from ddpm_dist.metrics.fid import frechet_distance
+        from ddpm_dist.metrics.stats import save_stats
+        is_mean, is_std = self.inception_score.score()
+        mu, sigma = self.fid.mean_cov()
+        save_stats(Path(out_dir) / "inception_stats.npz", mu, sigma)
+        out = {"inception_score": is_mean, "inception_score_std": is_std, "fid": None,
+               "stats": str(Path(out_dir) / "inception_stats.npz")}
+        if ref_stats is not None:
+            out["fid"] = frechet_distance(mu, sigma, *ref_stats)
+        return out
+
+
+def _batches(items: list[int], size: int):
+    for k in range(0, len(items), size):
+        yield items[k:k + size]
+
+
+def _score_finished(score: StreamingScore, job: SampleJob, indices: list[int]) -> None:
+    """Samples a previous run finished count too: read back their PNGs."""
+    for batch in _batches(indices, job.batch_size):
+        score.update(batch, torch.stack([load_png(sample_path(job.out, i)) for i in batch]))
+
+
+def _progress(total: int, info: DistInfo, desc: str):
+    """Rank 0's bar; ranks get equal shares, so rank 0 counts its batches × W: the bar shows
+    the whole run's samples and samples/s without a collective per batch."""
+    return tqdm(total=total, unit="sample", desc=desc, disable=not info.is_main, dynamic_ncols=True)
+
+
+def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: StreamingScore | None = None) -> dict:
+    """Collective: every rank calls it. Writes the missing PNGs of `job`, then (rank 0) the npz;
+    returns timing, and the reduced statistics stay in `score`."""
+    if info.is_main:
+        Path(job.out).mkdir(parents=True, exist_ok=True)
+        remove_partial_files(job.out)
+    todo = missing_indices(job.out, job.num_samples)
+    barrier()  # every rank listed the same finished set before anyone writes
+    mine = todo[info.rank::info.world_size]
+    bar, start = _progress(len(todo), info, f"sampling seed {job.seed}"), time.perf_counter()
+    rows = min(job.batch_size, len(mine))
+    for batch in _batches(mine, job.batch_size):
+        images = generate_batch(sampler, batch, job.seed, rows, info.device)
+        write_samples(job.out, batch, images)
+        if score is not None:
+            score.update(batch, images)
+        bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
+    bar.close()
+    seconds = time.perf_counter() - start
+    if score is not None:
+        done = sorted(set(range(job.num_samples)) - set(todo))
+        _score_finished(score, job, done[info.rank::info.world_size])
+        score.all_reduce()
+    barrier()
+    npz = merge_npz(job.out, job.num_samples) if info.is_main else None
+    return {"generated": len(todo), "seconds": seconds,
+            "samples_per_s": len(todo) / seconds if todo and seconds > 0 else None,
+            "npz": str(npz) if npz else None}

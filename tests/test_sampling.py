@@ -1,0 +1,250 @@
+"""Distributed sampling and evaluation (issue 6): world-size invariance, resume after SIGKILL,
+the merged npz, respacing and DDIM, bits/dim over ranks, the scored JSON result.
+
+The CLI tests run tools/fid_sample.py and tools/eval_nll.py as real processes (the local
+launcher spawns real ranks on gloo). The model is a tiny U-Net whose weights are all random,
+zero-initialised layers included, so every layer shapes the samples.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_dist.config import Config, DiffusionConfig, ModelConfig
+from ddpm_dist.export import load_model_file, save_model_file
+from ddpm_dist.factory import build_model
+from ddpm_dist.samplers import Sampler, ddim_sample_loop, respace, sample_generators
+from ddpm_dist.sampling import load_png, missing_indices, sample_path
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 12  # ≥ 10: the Inception Score has 10 splits
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _tiny_config(num_timesteps=40) -> Config:
+    model = ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                        resolution=8)
+    return Config(model=model, diffusion=DiffusionConfig(num_timesteps=num_timesteps))
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    cfg = _tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised layers too
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model_file(path, model.state_dict(), cfg)
+    return path
+
+
+def _tool(name: str, *args, check=True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _tool_main(name: str):
+    """A tool's main() in this process: the single-rank path without a process's start-up."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "tools" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _sample_here(model_file, out, *extra):
+    argv = ["--ckpt", model_file, "--num-samples", N, "--out", out, "--seed", 7, "--device", "cpu", *extra]
+    assert _tool_main("fid_sample.py")([str(a) for a in argv]) == 0
+
+
+def _sample(model_file, out, *extra):
+    return _tool("fid_sample.py", "--ckpt", model_file, "--num-samples", N, "--out", out, "--seed", 7,
+                 "--device", "cpu", *extra)
+
+
+def _pngs(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(out).rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def reference(model_file, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run: the samples every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    _sample_here(model_file, out, "--world-size", 1, "--batch-size", 4)
+    return out
+
+
+def test_world_size_3_writes_the_same_samples_as_one_process(model_file, reference, tmp_path):
+    _sample(model_file, tmp_path, "--world-size", 3, "--launcher", "local", "--batch-size", 2)
+    assert _pngs(tmp_path) == _pngs(reference)
+    assert len(_pngs(reference)) == N
+    assert json.loads((tmp_path / "result.json").read_text())["world_size"] == 3
+
+
+def test_the_npz_holds_the_pngs_in_index_order(reference):
+    arr = np.load(reference / f"samples_{N}x8x8x3.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (N, 8, 8, 3)
+    for i in range(N):
+        np.testing.assert_array_equal(arr[i], load_png(sample_path(reference, i)).permute(1, 2, 0).numpy())
+    assert len({arr[i].tobytes() for i in range(N)}) == N  # distinct seeds, distinct samples
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_samples(model_file, reference, tmp_path):
+    cmd = [sys.executable, str(ROOT / "tools/fid_sample.py"), "--ckpt", str(model_file), "--num-samples", str(N),
+           "--out", str(tmp_path), "--seed", "7", "--device", "cpu", "--world-size", "2", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(missing_indices(tmp_path, N)) == N and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher; its ranks die with it (PR_SET_PDEATHSIG)
+    proc.wait()
+    time.sleep(1.0)
+    done_before = N - len(missing_indices(tmp_path, N))
+    assert 0 < done_before < N, f"the kill did not land mid-run ({done_before} of {N} done)"
+    _sample_here(model_file, tmp_path, "--batch-size", 3)  # resumed on another world size
+    assert _pngs(tmp_path) == _pngs(reference)
+    assert not list(tmp_path.rglob(".*tmp*"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["runs"][0]["generated"] == N - done_before
+
+
+def _models(model_file):
+    model, diffusion = load_model_file(model_file)
+    return model, diffusion, (3, 8, 8)
+
+
+def test_respacing_keeps_alpha_bar_at_the_kept_steps(model_file):
+    _, diffusion, _ = _models(model_file)
+    spaced, kept = respace(diffusion, 10)
+    assert kept[0] == 0 and kept[-1] == diffusion.num_timesteps - 1 and len(kept) == 10
+    torch.testing.assert_close(spaced.alphas_cumprod, diffusion.alphas_cumprod[kept], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="--steps"):
+        respace(diffusion, 1)
+
+
+def test_respacing_with_all_steps_equals_the_full_ancestral_sampler(model_file):
+    model, diffusion, shape = _models(model_file)
+    full = diffusion.p_sample_loop(model, (3, *shape), generator=sample_generators(1, range(3)))
+    spaced = Sampler(model, diffusion, shape, steps=diffusion.num_timesteps)(sample_generators(1, range(3)), "cpu")
+    torch.testing.assert_close(spaced, full, rtol=0, atol=1e-5)
+
+
+def test_ddim_with_eta_0_is_a_function_of_the_initial_noise_only(model_file):
+    model, diffusion, shape = _models(model_file)
+    spaced, kept = respace(diffusion, 8)
+    from ddpm_dist.samplers import TimestepMap
+    net = TimestepMap(model, kept)
+    x_T = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    a = ddim_sample_loop(spaced, net, (2, *shape), eta=0.0, noise=x_T, generator=sample_generators(1, range(2)))
+    b = ddim_sample_loop(spaced, net, (2, *shape), eta=0.0, noise=x_T, generator=sample_generators(2, range(2)))
+    c = ddim_sample_loop(spaced, net, (2, *shape), eta=1.0, noise=x_T, generator=sample_generators(2, range(2)))
+    assert torch.equal(a, b) and a.abs().max() <= 1
+    assert not torch.allclose(a, c)  # with η = 1 the step noise matters
+
+
+def test_eval_nll_is_finite_and_the_same_on_two_ranks(model_file, tmp_path):
+    common = ["--ckpt", model_file, "--data", "digits", "--num-images", 6, "--batch-size", 2, "--device", "cpu"]
+    assert _tool_main("eval_nll.py")([str(a) for a in common] + ["--out", str(tmp_path / "one.json")]) == 0
+    _tool("eval_nll.py", *common, "--out", tmp_path / "two.json", "--world-size", 2)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert np.isfinite(one["bits_per_dim"]) and one["bits_per_dim"] > 0 and one["num_images"] == 6
+    assert two["world_size"] == 2
+    assert two["bits_per_dim"] == pytest.approx(one["bits_per_dim"], rel=1e-6)
+
+
+def _random_inception(path: Path) -> Path:
+    """Random weights, He-scaled so that the features are O(1), not vanishing."""
+    from ddpm_dist.metrics.inception import FIDInceptionV3
+    torch.manual_seed(0)
+    model = FIDInceptionV3()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _npz_statistics(npz: Path, weights: Path):
+    from ddpm_dist.metrics.evaluate import inception_statistics
+    from ddpm_dist.metrics.image_sources import open_images
+    from ddpm_dist.metrics.inception import load_inception
+    return inception_statistics(load_inception(weights), open_images(npz), splits=10, progress=False)
+
+
+def test_scoring_over_two_ranks_equals_scoring_the_npz_in_one_process(model_file, reference, tmp_path):
+    """Streaming all-reduced statistics over 2 ranks, half generated now, half read back from a
+    previous run, equal the single-process pipeline's statistics of the merged npz."""
+    weights = _random_inception(tmp_path / "inception.pth")
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for i in range(0, N, 2):
+        sample_path(out, i).unlink()
+    _sample(model_file, out, "--world-size", 2, "--batch-size", 4, "--inception-weights", weights)
+    result = json.loads((out / "result.json").read_text())
+    fid_stats, is_stats = _npz_statistics(out / f"samples_{N}x8x8x3.npz", weights)
+    mu, sigma = fid_stats.mean_cov()
+    assert np.abs(mu).max() > 1e-2 and np.abs(sigma).max() > 1e-4  # features that can differ
+    with np.load(out / "inception_stats.npz") as saved:
+        np.testing.assert_allclose(saved["mu"], mu, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(saved["sigma"], sigma, rtol=1e-9, atol=1e-12)
+    assert result["inception_score"] == pytest.approx(is_stats.score()[0], rel=1e-9)
+    assert result["fid"] is None and result["num_samples"] == N and result["seed"] == 7
+    assert result["sampler"] == "ddpm" and result["runs"][0]["generated"] == N // 2
+    assert len(result["weights_sha256"]) == 64 and "pytorch-fid" in result["pipeline"]
+
+
+@pytest.mark.slow  # one 2048² scipy sqrtm: ~60 s on one core
+def test_fid_against_reference_statistics_lands_in_the_json(model_file, reference, tmp_path):
+    weights = _random_inception(tmp_path / "inception.pth")
+    c = 0.01  # reference sigma = c·I, so tr √(Σ₁Σ₂) = √c · Σ √λ(Σ₁) without a second sqrtm
+    ref_mu = np.random.default_rng(0).normal(size=2048) * 0.01
+    np.savez(tmp_path / "ref.npz", mu=ref_mu, sigma=np.eye(2048) * c)
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    _sample_here(model_file, out, "--inception-weights", weights, "--ref-stats", tmp_path / "ref.npz")
+    mu, sigma = _npz_statistics(out / f"samples_{N}x8x8x3.npz", weights)[0].mean_cov()
+    root = np.sqrt(c) * np.sqrt(np.clip(np.linalg.eigvalsh(sigma), 0, None)).sum()
+    expected = ((mu - ref_mu) ** 2).sum() + np.trace(sigma) + 2048 * c - 2 * root
+    assert json.loads((out / "result.json").read_text())["fid"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_errors_are_one_line(model_file, tmp_path):
+    proc = _tool("fid_sample.py", "--ckpt", tmp_path / "nope.pt", "--num-samples", 2, "--out", tmp_path,
+                 "--world-size", 2, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        _tool_main("fid_sample.py")(["--random-init", "--config", str(tmp_path / "missing.yaml"),
+                                     "--num-samples", "2", "--out", str(tmp_path)])
+    assert "missing.yaml" in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+
+
+@pytest.mark.slow  # trains 2 steps first (~20 s)
+def test_a_training_checkpoint_folder_samples_and_a_wrong_config_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    overrides = [f"out_dir={run}", "train.total_steps=2", "train.ckpt_every=2", "train.sample_every=1000",
+                 "train.batch_size=4", "device=cpu", "model.resolution=8", "model.ch_mult=[1,2]",
+                 "model.attn_resolutions=[]", "diffusion.num_timesteps=10"]
+    subprocess.run([sys.executable, "-m", "ddpm_dist.train", "--config", "configs/demo_digits.yaml", *overrides],
+                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    common = ["--num-samples", 2, "--out", tmp_path / "samples", "--device", "cpu", "--batch-size", 2]
+    _tool("fid_sample.py", "--ckpt", run, "--world-size", 2, *common)  # config.yaml of the run
+    assert len(_pngs(tmp_path / "samples")) == 2
+    proc = _tool("fid_sample.py", "--ckpt", run / "checkpoints", "--config", "configs/demo_digits.yaml",
+                 *common, check=False)
+    last = proc.stderr.strip().splitlines()[-1]  # torch's DCP may warn on lines before it
+    assert proc.returncode != 0 and last.startswith("fid_sample.py: error:") and "does not fit" in last

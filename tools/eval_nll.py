@@ -1,0 +1,122 @@
+"""Bits/dim of the variational bound (Ho et al. 2020, Eq. 5; Table 2's NLL) on a test set, on W ranks.
+
+    python tools/eval_nll.py --ckpt MODEL --data digits|FOLDER|NPZ [--num-images N] --world-size W
+
+Rank r takes images r, r+W, ...; image i's forward-process noise comes from the generator seeded
+by (seed, i), so the number does not depend on W. Per-image bits/dim are summed in float64 and
+all-reduced; rank 0 prints the mean and writes --out JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ddpm_dist import distributed, launcher  # noqa: E402
+from ddpm_dist.config import ConfigError  # noqa: E402
+from ddpm_dist.metrics.stats import all_reduce_sum  # noqa: E402
+from ddpm_dist.load import ModelSourceError, load_for_evaluation  # noqa: E402
+from ddpm_dist.samplers import sample_generators  # noqa: E402
+from ddpm_dist.sampling import weights_sha256  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="model config (YAML); for --random-init or a checkpoint folder")
+    p.add_argument("--ckpt", help="exported model file (.safetensors/.pt) or training checkpoint folder")
+    p.add_argument("--random-init", action="store_true", help="untrained weights (smoke tests)")
+    p.add_argument("--data", default="digits", help="'digits' (embedded), an image folder or an .npz (arr_0)")
+    p.add_argument("--num-images", type=int, default=None, help="first N images (default: all)")
+    p.add_argument("--out", help="result JSON (default: print only)")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="slurm launcher")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def open_test_set(data: str, resolution: int):
+    """uint8 HWC images, indexable: the embedded digits, a folder or an ADM-style npz."""
+    if data == "digits":
+        from ddpm_dist.data.digits import load_digits_images
+        from ddpm_dist.metrics.image_sources import ArrayImages
+        return ArrayImages(load_digits_images(resolution).permute(0, 2, 3, 1).numpy(), name="digits")
+    from ddpm_dist.metrics.image_sources import open_images
+    return open_images(data)
+
+
+def to_model_input(images: torch.Tensor, channels: int, resolution: int) -> torch.Tensor:
+    """[0, 1] float [B, 3, H, W] → [-1, 1] at the model's shape (as training sees data)."""
+    if images.shape[-1] != resolution or images.shape[-2] != resolution:
+        raise ValueError(f"test images are {tuple(images.shape[-2:])}, the model wants {resolution}²")
+    return (images * 2 - 1)[:, :channels]
+
+
+def bpd_sums(model, diffusion, images, indices, args, device, show: bool) -> torch.Tensor:
+    """float64 [count, Σ total, Σ prior, Σ L_0] of this rank's images."""
+    from ddpm_dist.metrics.image_sources import image_batches
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    bar = tqdm(total=len(indices), unit="img", desc="bits/dim (rank 0)", disable=not show)
+    for idx, batch in image_batches(images, indices, args.batch_size):
+        x = to_model_input(batch, model.in_channels, model.resolution)
+        gens = sample_generators(args.seed, idx.tolist(), device)
+        out = diffusion.calc_bpd_loop(model, x.to(device), generator=gens)
+        sums += torch.stack([out["total_bpd"].new_tensor(float(len(idx))), out["total_bpd"].sum(),
+                             out["prior_bpd"].sum(), out["vb"][:, 0].sum()])
+        bar.update(len(idx))
+    bar.close()
+    return sums
+
+
+def run_rank(args) -> dict | None:
+    model, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
+    info = distributed.init_distributed(args.device)
+    try:
+        images = open_test_set(args.data, model.resolution)
+        n = min(len(images), args.num_images or len(images))
+        sums = bpd_sums(model.to(info.device), diffusion, images,
+                        list(range(info.rank, n, info.world_size)), args, info.device, info.is_main)
+        all_reduce_sum([sums])  # float64 sums: the mean does not depend on W
+        count, total, prior, decoder = sums.cpu().tolist()
+        return {"bits_per_dim": total / count, "prior_bpd": prior / count, "decoder_bpd": decoder / count,
+                "num_images": int(count), "data": args.data, "seed": args.seed, "num_timesteps":
+                diffusion.num_timesteps, "weights_sha256": weights_sha256(model.state_dict()),
+                "world_size": info.world_size} if info.is_main else None
+    finally:
+        distributed.teardown()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if launcher.needs_launch(args.world_size):
+            load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)  # fail once, here
+            if args.launcher == "slurm":
+                folder = Path(args.out).parent / "slurm" if args.out else Path("slurm_logs")
+                return launcher.run_slurm(__file__, argv, args.world_size, gpus_per_node=args.gpus_per_node,
+                                          folder=folder)
+            return launcher.run_local(__file__, argv, args.world_size)
+        result = run_rank(args)
+    except (FileNotFoundError, ValueError, ConfigError, ModelSourceError) as err:
+        sys.exit(f"eval_nll.py: error: {err}")
+    if result is not None:
+        print(f"bits/dim: {result['bits_per_dim']:.6f} ({result['num_images']} images)")
+        if args.out:
+            tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Sample N images from a model on W ranks, optionally scoring FID / IS as they are made.
+
+    python tools/fid_sample.py --config CFG --ckpt CKPT --num-samples N --out DIR --world-size W
+
+Sample i is drawn from the generator seeded by (seed, i) (ddpm_dist/samplers.py:
+`sample_generators`), so W = 1 and W = 64 write the same `DIR/{i//1000*1000:06d}/{i:06d}.png`;
+a rerun skips finished samples. The run ends with `DIR/samples_{N}x{H}x{W}x3.npz` and
+`DIR/result.json` (N, seed, sampler, steps, weights hash; FID/IS and the Inception pipeline
+when scoring, plus the samples' `inception_stats.npz`). DESIGN.md §3. Scoring is on with
+--ref-stats, --inception-weights or --score. `--seeds 3` samples seeds S, S+1, S+2 (disjoint:
+generator seeds mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample std (ddof=1).
+Launch: inside torchrun/srun the ranks exist already; else `--launcher local` spawns W
+processes here and `--launcher slurm` submits W tasks with submitit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from ddpm_dist import distributed, launcher  # noqa: E402
+from ddpm_dist.config import ConfigError  # noqa: E402
+from ddpm_dist.load import ModelSourceError, load_for_evaluation  # noqa: E402
+from ddpm_dist.sampling import SampleJob, StreamingScore, generate, weights_sha256  # noqa: E402
+from ddpm_dist.samplers import SAMPLERS, Sampler, respace  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="model config (YAML); for --random-init or a checkpoint folder")
+    p.add_argument("--ckpt", help="exported model file (.safetensors/.pt) or training checkpoint folder")
+    p.add_argument("--random-init", action="store_true", help="untrained weights (smoke tests)")
+    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="disjoint seed sets seed, seed+1, ...: FID mean ± std")
+    p.add_argument("--steps", type=int, default=None, help="respaced steps K (default: all T)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per model call per rank")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
+    p.add_argument("--score", action="store_true", help="Inception Score (and FID with --ref-stats)")
+    p.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid Inception state dict")
+    p.add_argument("--ref-stats", metavar="NPZ", help="reference mu/sigma (tools/fid_stats.py)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="slurm launcher")
+    p.add_argument("--partition", help="slurm launcher")
+    p.add_argument("--timeout-min", type=int, default=24 * 60, help="slurm launcher")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.world_size < 1 or args.batch_size < 1 or args.seeds < 1:
+        p.error("--num-samples, --world-size, --batch-size and --seeds must be positive")
+    args.score = bool(args.score or args.ref_stats or args.inception_weights)
+    return args
+
+
+def load_scoring(args, device):
+    """(Inception, reference stats) before any sampling, so a missing file fails fast."""
+    from ddpm_dist.metrics.inception import load_inception
+    from ddpm_dist.metrics.stats import load_stats
+    ref = None
+    if args.ref_stats:
+        ref = load_stats(args.ref_stats)
+        if ref is None:
+            raise FileNotFoundError(f"--ref-stats {args.ref_stats}: not an .npz with mu and sigma")
+    return load_inception(args.inception_weights, device, allow_download=True), ref
+
+
+def summary(args, sha, runs: list[dict]) -> dict:
+    """The result JSON: enough to say exactly what produced the number."""
+    from ddpm_dist.metrics.inception import PIPELINE
+    out = {"num_samples": args.num_samples, "seed": args.seed, "seeds": [r["seed"] for r in runs],
+           "sampler": args.sampler, "steps": args.steps, "eta": args.eta if args.sampler == "ddim" else None,
+           "bf16": args.bf16, "ckpt": args.ckpt if not args.random_init else "random-init",
+           "weights_sha256": sha, "world_size": runs[0]["world_size"], "runs": runs}
+    if args.score:
+        out["pipeline"] = PIPELINE
+        fids = [r["fid"] for r in runs if r.get("fid") is not None]
+        out["fid"] = statistics.mean(fids) if fids else None
+        out["fid_std"] = statistics.stdev(fids) if len(fids) > 1 else None  # sample std, ddof=1
+        out["inception_score"] = statistics.mean(r["inception_score"] for r in runs)
+    return out
+
+
+def run_rank(args) -> dict | None:
+    """One rank's work; rank 0 returns the result."""
+    model, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
+    info = distributed.init_distributed(args.device)
+    try:
+        sha = weights_sha256(model.state_dict())
+        sampler = Sampler(model.to(info.device), diffusion, (model.in_channels, model.resolution, model.resolution),
+                          sampler=args.sampler, steps=args.steps, eta=args.eta, bf16=args.bf16)
+        inception, ref = load_scoring(args, info.device) if args.score else (None, None)
+        runs = []
+        for seed in range(args.seed, args.seed + args.seeds):
+            out = Path(args.out) if args.seeds == 1 else Path(args.out) / f"seed_{seed}"
+            job = SampleJob(str(out), args.num_samples, seed, args.batch_size, args.sampler, args.steps,
+                            args.eta, args.bf16)
+            score = StreamingScore(inception, args.num_samples, info.device) if args.score else None
+            run = {"seed": seed, "out": str(out), "world_size": info.world_size, **generate(job, sampler, info, score)}
+            if score is not None and info.is_main:
+                run.update(score.result(out, ref))
+            runs.append(run)
+        return summary(args, sha, runs) if info.is_main else None
+    finally:
+        distributed.teardown()
+
+
+def preflight(args) -> None:
+    """Fail before starting ranks: the model loads, the scoring files exist."""
+    _, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
+    respace(diffusion, args.steps)  # checks --steps
+    for flag, path in (("--ref-stats", args.ref_stats), ("--inception-weights", args.inception_weights)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if launcher.needs_launch(args.world_size):
+            preflight(args)  # one error line here, not one per rank
+            if args.launcher == "slurm":
+                return launcher.run_slurm(__file__, argv, args.world_size, gpus_per_node=args.gpus_per_node,
+                                          folder=Path(args.out) / "slurm", partition=args.partition,
+                                          timeout_min=args.timeout_min)
+            return launcher.run_local(__file__, argv, args.world_size)
+        result = run_rank(args)
+    except (FileNotFoundError, ValueError, ConfigError, ModelSourceError, RuntimeError) as err:
+        sys.exit(f"fid_sample.py: error: {err}")
+    if result is not None:
+        write_json(Path(args.out) / "result.json", result)
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
