@@ -1,0 +1,45 @@
+"""Training as a submitit job that survives preemption and time limits (launch/submit.py).
+
+submitit runs `TrainJob()` once per task, after installing its own handler for USR2 (dump
+the job, `scontrol requeue`, exit). Inside `train()` the loop's StopRequest replaces that
+handler, so a signal only sets a flag; all ranks agree on it at the next step boundary
+(all-reduce), write one complete checkpoint and return. Only then, with the loop's handler
+uninstalled again, do we hand the stop back to submitit's handler, which requeues the job.
+No collective ever runs inside a signal handler.
+"""
+from __future__ import annotations
+
+import signal
+
+import submitit
+
+from ddpm_dist.config import load_config
+from ddpm_dist.train import train
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """`python -m ddpm_dist.train --config CONFIG OVERRIDES...` on every task of a submitit job.
+    Its state is just the command: the run resumes from the newest checkpoint in out_dir."""
+
+    def __init__(self, config: str, overrides: list[str]):
+        self.config, self.overrides = config, list(overrides)
+
+    def __call__(self) -> int:
+        # rank, world size and rendezvous from submitit's view of the job (Slurm or local)
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        result = train(load_config(self.config, self.overrides))
+        if result.stopped_early:
+            _stop_for_requeue(result.signum)
+        return result.step
+
+
+def _stop_for_requeue(signum: int | None) -> None:
+    """After a clean stop: let submitit's own preemption handler requeue the job (it counts
+    time-outs against max_num_timeout and exits; on ranks > 0 it only logs), then leave
+    without a result, so the job is not reported finished."""
+    if signum != signal.SIGTERM:
+        # USR1/USR2, or the stop came from another rank: preemption or the time-limit warning
+        signal.raise_signal(submitit.JobEnvironment._usr_sig())
+    # SIGTERM: Slurm is already ending this run (scontrol requeue, scancel, the hard limit);
+    # it requeues by itself where that was asked for.
+    raise SystemExit(3)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The body shared by launch/train_*.sh, sourced inside an sbatch job after the caller set
+# DEFAULT_CONFIG. One srun step runs one training rank per task; ranks read SLURM_PROCID /
+# SLURM_NTASKS / SLURM_JOB_NODELIST (ddpm_dist/distributed.py), so the same script runs NCCL
+# on GPU nodes and gloo on CPU-only ones (DDPM_OVERRIDES="device=cpu engine=ddp").
+#
+# Environment (all optional):
+#   DDPM_REPO       checkout to run in            (default: the directory sbatch was called from)
+#   DDPM_CONFIG     YAML config                   (default: $DEFAULT_CONFIG)
+#   DDPM_OUT_DIR    run folder: checkpoints, metrics.jsonl, tb/   (default: runs/<config name>)
+#   DDPM_DATA       data.source: a shard folder or s3://bucket/prefix/  (default: the config's)
+#   DDPM_OVERRIDES  more key=value settings, space-separated; arguments after the script
+#                   name on the sbatch line are appended to them
+#   DDPM_PYTHON     interpreter                   (default: python on PATH, e.g. the active venv)
+#
+# Exit status of train.py: 0 finished, 2 config/checkpoint error, 3 stopped on a signal
+# (USR2 from --signal or scancel, or SIGTERM) with a complete checkpoint: then this job
+# requeues itself and the next run resumes from that checkpoint.
+set -uo pipefail
+
+cd "${DDPM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || exit 2
+config=${DDPM_CONFIG:-$DEFAULT_CONFIG}
+if [ ! -f "$config" ] || [ ! -f ddpm_dist/train.py ]; then
+  # checked here, before srun, so a typo fails in a second with one line in the job log
+  echo "error: config '$config' not found from $PWD (run sbatch from the checkout or set DDPM_REPO)" >&2
+  exit 2
+fi
+overrides=("out_dir=${DDPM_OUT_DIR:-runs/$(basename "$config" .yaml)}")
+[ -n "${DDPM_DATA:-}" ] && overrides+=("data.source=$DDPM_DATA")
+read -r -a extra <<< "${DDPM_OVERRIDES:-}"
+overrides+=("${extra[@]}" "$@")
+
+# one intra-op thread pool per rank, sized to its CPUs, or ranks sharing a node oversubscribe
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} run $(( ${SLURM_RESTART_COUNT:-0} + 1 )): ${SLURM_NTASKS:-1} tasks on" \
+     "${SLURM_JOB_NODELIST:-?}: $config ${overrides[*]}"
+
+# Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch: pass it, or each rank
+# (and its data workers) is confined to one CPU where cores are bound.
+srun ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+  "${DDPM_PYTHON:-python}" -m ddpm_dist.train --config "$config" "${overrides[@]}"
+rc=$?
+if [ "$rc" = 3 ]; then
+  # train.py stopped at a step boundary and wrote a checkpoint; a requeued job keeps its id,
+  # out_dir and this log (--open-mode=append), and resumes from that checkpoint.
+  echo "[$(date -Is)] stopped with a checkpoint; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "error: scontrol requeue $SLURM_JOB_ID failed; resubmit to resume" >&2
+fi
+exit "$rc"

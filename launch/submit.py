@@ -1,0 +1,118 @@
+"""Submit DDPM training through submitit: preemptible Slurm jobs, or local processes.
+
+    python launch/submit.py --config configs/lsun_church.yaml --partition gpu --nodes 2
+    python launch/submit.py --config configs/cifar10.yaml --seeds 0,1,2          # a job array
+    python launch/submit.py --config configs/lsun_church.yaml --config configs/lsun_cat.yaml --time 1440
+    python launch/submit.py --local --config configs/demo_digits.yaml --gpus-per-node 0 --cpus-per-task 2 \
+        --tasks-per-node 2 engine=ddp device=cpu train.total_steps=200               # a laptop
+
+Each job runs one rank per task (`ddpm_dist.submitit_job.TrainJob`). On preemption or
+`--signal-delay` seconds before the time limit every rank stops at the next step boundary,
+a checkpoint is written, and the job is requeued and resumes from it. Logs: --folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout, uninstalled
+
+from ddpm_dist.config import ConfigError, load_config  # noqa: E402
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", required=True, help="YAML config; repeat for an array")
+    p.add_argument("--seeds", type=_int_list, default=[], help="comma-separated: one job per seed and config")
+    p.add_argument("--out-root", default="runs", help="run folders: OUT_ROOT/<config>[_seed<S>]")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="0 on CPU-only clusters")
+    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU (1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--partition", default=os.environ.get("SBATCH_PARTITION"))
+    p.add_argument("--account", default=os.environ.get("SBATCH_ACCOUNT"))
+    p.add_argument("--time", type=int, default=24 * 60, help="time limit per run in minutes")
+    p.add_argument("--signal-delay", type=int, default=300, help="USR2 this many s before the limit")
+    p.add_argument("--max-requeues", type=int, default=100, help="time-outs before giving up")
+    p.add_argument("--folder", default="runs/submitit", help="submitit logs and pickles, named by job id")
+    p.add_argument("--local", action="store_true", help="run here as local processes, no Slurm")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and report their steps")
+    p.add_argument("overrides", nargs="*", help="key.sub=value settings for every job")
+    return p.parse_args(argv)
+
+
+def job_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(config, overrides) per job; each job trains in its own out_dir. Validated here, so a
+    bad config fails at submit time rather than in a queued job."""
+    jobs = []
+    for config in args.config:
+        for seed in args.seeds or [None]:
+            name = Path(config).stem + ("" if seed is None else f"_seed{seed}")
+            extra = [f"out_dir={Path(args.out_root) / name}"] + ([] if seed is None else [f"seed={seed}"])
+            overrides = extra + list(args.overrides)  # the user's out_dir= wins over ours
+            load_config(config, overrides)
+            jobs.append((config, overrides))
+    return jobs
+
+
+def make_executor(args: argparse.Namespace):
+    """One task per GPU; --requeue lets Slurm requeue a preempted job under the same id, so it
+    finds its pickle, log folder and out_dir again. USR2 comes --signal-delay s before the limit."""
+    import submitit  # optional: only this launcher needs it
+    executor = submitit.AutoExecutor(folder=args.folder, cluster="local" if args.local else None,
+                                     slurm_max_num_timeout=args.max_requeues)
+    tasks = args.tasks_per_node or max(1, args.gpus_per_node)
+    params = dict(nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
+                  timeout_min=args.time, name="ddpm", slurm_signal_delay_s=args.signal_delay,
+                  slurm_additional_parameters={"requeue": True},
+                  # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch
+                  slurm_srun_args=[f"--cpus-per-task={args.cpus_per_task}"])
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    if args.account:
+        params["slurm_account"] = args.account
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(args: argparse.Namespace) -> list:
+    """Submit every job (as one array when several); returns submitit Job handles."""
+    from ddpm_dist.submitit_job import TrainJob
+    commands = job_commands(args)
+    # Jobs inherit this environment. They run `python -m submitit.core._submit` in the submit
+    # directory: make our package importable there even when it is not installed; and give
+    # each rank a thread pool of its own CPUs, or ranks sharing a node oversubscribe it.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.cpus_per_task))
+    executor = make_executor(args)
+    with executor.batch():
+        jobs = [executor.submit(TrainJob(config, overrides)) for config, overrides in commands]
+    for job, (config, overrides) in zip(jobs, commands):
+        print(f"submitted {job.job_id}: {config} {' '.join(overrides)}; log {job.paths.stdout}", flush=True)
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        jobs = submit(args)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.wait:
+        for job in jobs:
+            print(f"{job.job_id}: finished at step {job.results()[0]}", flush=True)  # one per task
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

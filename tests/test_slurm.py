@@ -1,0 +1,212 @@
+"""Launching on a real Slurm cluster (tests/services/slurm_up.sh): sbatch scripts and submitit.
+
+Every job is 2 tasks x 1 CPU with gloo on the 2-CPU test node, so jobs run one at a time. The
+training is deterministic on CPU, so a run that was preempted, checkpointed, requeued and
+resumed must end with exactly the weights of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_dist.export import export_checkpoint, read_model_file
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 24
+TINY = ["device=cpu", "engine=ddp", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+        "model.attn_resolutions=[8]", "diffusion.num_timesteps=50", "train.batch_size=8",
+        "train.num_samples=4", "train.log_every=1", "train.ckpt_every=4", "train.sample_every=1000"]
+CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 0.5):
+    """Poll `check()` until it returns something truthy; fail after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def job_state(job_id: str) -> str:
+    """The job's state in accounting (the newest run of a requeued job); '' before it is known."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+                         capture_output=True, text=True).stdout.split()
+    return out[0].split()[0] if out else ""
+
+
+def wait_done(job_id: str, timeout: float) -> str:
+    """The final state; a requeued job passes through REQUEUED/PENDING, which are not final."""
+    def final_state() -> str:
+        state = job_state(job_id)
+        return state if state in FINAL else ""
+    return wait_for(f"job {job_id} to end", final_state, timeout)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ema_weights(run_dir: Path, tmp_path: Path) -> dict:
+    out = tmp_path / f"{run_dir.name}.safetensors"
+    export_checkpoint(str(run_dir), str(out))
+    return read_model_file(out)[0]
+
+
+def job_vars(cluster: dict) -> dict:
+    """Ranks use one thread each; the loopback shim keeps torch's TCPStore off the wildcard address."""
+    return {"OMP_NUM_THREADS": "1", "LD_PRELOAD": f"{cluster['SLURM_TEST_DIR']}/lib/bindlo.so",
+            "DDPM_PYTHON": sys.executable}
+
+
+def job_env(cluster: dict, **extra: str) -> dict:
+    return dict(os.environ, **job_vars(cluster), **extra)
+
+
+def sbatch(cluster: dict, run_dir: Path, *options: str, config: str = "configs/demo_digits.yaml",
+           overrides: tuple[str, ...] = ()) -> str:
+    """Submit launch/train_lsun.sh with the CPU test settings, changing only variables and
+    options; returns the job id. The job log is run_dir/job.log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = job_env(cluster, DDPM_CONFIG=config, DDPM_OUT_DIR=str(run_dir), DDPM_OVERRIDES=" ".join(TINY))
+    cmd = ["sbatch", "--parsable", f"--partition={cluster['SLURM_TEST_PARTITION']}", *CPU_JOB,
+           f"--output={run_dir}/job.log", *options, "launch/train_lsun.sh", f"train.total_steps={STEPS}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def cancel(job_id: str):
+    """A no-op for a finished job; a job left running by a failed test would block the next."""
+    subprocess.run(["scancel", job_id], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tmp_path_factory) -> Path:
+    """An uninterrupted sbatch run of STEPS steps."""
+    run_dir = tmp_path_factory.mktemp("slurm") / "reference"
+    job_id = sbatch(slurm_cluster, run_dir)
+    try:
+        state = wait_done(job_id, 180)
+    finally:
+        cancel(job_id)
+    assert state == "COMPLETED", (run_dir / "job.log").read_text()[-3000:]
+    return run_dir
+
+
+def test_sbatch_runs_two_gloo_ranks_to_completion(reference_run):
+    log = (reference_run / "job.log").read_text()
+    assert "ddp on 2 x cpu" in log
+    assert logged_steps(reference_run) == list(range(1, STEPS + 1))
+    assert (reference_run / "checkpoints" / f"step_{STEPS:08d}").is_dir()
+
+
+def preempt_when_running(job_id: str, run_dir: Path) -> None:
+    """USR2 to every rank (as Slurm's --signal does before the time limit) once step 2 is done."""
+    wait_for("step 2", lambda: len(logged_steps(run_dir)) >= 2, 120, interval=0.2)
+    assert subprocess.run(["scancel", "--signal=USR2", job_id]).returncode == 0
+
+
+def assert_resumed_like_reference(run_dir: Path, reference: Path, tmp_path: Path, log: str) -> None:
+    """Stopped mid-run, resumed once, every step logged once, same final weights."""
+    assert "resumed from" in log, log[-3000:]
+    resumed_at = int(log.split("resumed from")[1].split("at step")[1].split()[0])
+    assert 0 < resumed_at < STEPS
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    got, want = ema_weights(run_dir, tmp_path), ema_weights(reference, tmp_path)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_sbatch_preempted_job_requeues_and_matches_uninterrupted_run(slurm_cluster, reference_run, tmp_path):
+    run_dir = tmp_path / "preempted"
+    job_id = sbatch(slurm_cluster, run_dir)
+    try:
+        preempt_when_running(job_id, run_dir)
+        state = wait_done(job_id, 240)
+    finally:
+        cancel(job_id)
+    log = (run_dir / "job.log").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "requeueing job" in log and f"job {job_id} run 2:" in log
+    assert_resumed_like_reference(run_dir, reference_run, tmp_path, log)
+
+
+def load_submit():
+    spec = importlib.util.spec_from_file_location("launch_submit", REPO / "launch" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_submitit_job_preempted_requeues_and_matches_uninterrupted_run(slurm_cluster, reference_run, tmp_path,
+                                                                        monkeypatch):
+    submit = load_submit()
+    for key, value in job_vars(slurm_cluster).items():  # submitit's sbatch passes our env on
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # submit() extends it
+    monkeypatch.chdir(REPO)
+    # --time 20: submitit calls a signal in the first min(80 %, limit - 10 min) a preemption, later
+    # a time-out (counted against --max-requeues); this one must be a preemption
+    args = submit.parse_args([
+        "--config", "configs/demo_digits.yaml", "--partition", slurm_cluster["SLURM_TEST_PARTITION"],
+        "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "20",
+        "--folder", str(tmp_path / "submitit"), "--out-root", str(tmp_path), *TINY, f"train.total_steps={STEPS}"])
+    (job,) = submit.submit(args)
+    run_dir = tmp_path / "demo_digits"
+    try:
+        preempt_when_running(job.job_id, run_dir)
+        state = wait_done(job.job_id, 240)
+    finally:
+        cancel(job.job_id)
+    log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert job.results() == [STEPS, STEPS]  # one result per task, written once, by the last run
+    # the loop's handler took the signal first (checkpoint), then submitit's requeued the job
+    stop, requeue = log.find("stop requested (signal 12)"), log.find(f"Requeued job {job.job_id}")
+    assert 0 <= stop and 0 <= requeue and "this job is preempted" in log, log[-3000:]
+    assert_resumed_like_reference(run_dir, reference_run, tmp_path, log)
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("configs/no_such.yaml", (), "error: config 'configs/no_such.yaml' not found"),
+    ("configs/demo_digits.yaml", ("model.ch=abc",), "error: model.ch: expected int"),
+])
+def test_sbatch_bad_config_fails_fast_with_message_in_log(slurm_cluster, tmp_path, config, overrides, message):
+    job_id = sbatch(slurm_cluster, tmp_path, config=config, overrides=overrides)
+    try:
+        state = wait_done(job_id, 90)
+    finally:
+        cancel(job_id)
+    log = (tmp_path / "job.log").read_text()
+    assert state == "FAILED" and message in log, log[-3000:]
+
+
+def test_bad_partition_fails_at_submit_time(slurm_cluster, tmp_path):
+    proc = subprocess.run(["sbatch", "--partition=no_such_partition", *CPU_JOB, f"--output={tmp_path}/job.log",
+                           "launch/train_lsun.sh"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "invalid partition" in proc.stderr.lower(), proc.stderr
+    submit = load_submit()
+    args = submit.parse_args(["--config", "configs/demo_digits.yaml", "--partition", "no_such_partition",
+                              "--gpus-per-node", "0", "--folder", str(tmp_path / "submitit")])
+    with pytest.raises(Exception, match="(?i)invalid partition"):
+        submit.submit(args)
+
+
+def test_submit_bad_config_fails_at_submit_time(tmp_path, capsys):
+    code = load_submit().main(["--config", "configs/demo_digits.yaml", "--folder", str(tmp_path), "model.ch=abc"])
+    assert code == 2 and "error: model.ch: expected int" in capsys.readouterr().err
