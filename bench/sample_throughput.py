@@ -15,9 +15,7 @@ H200: CIFAR-10 ≤ 35 min).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,35 +26,9 @@ from ddpm_dist.config import load_config  # noqa: E402
 from ddpm_dist.factory import build_diffusion, build_model  # noqa: E402
 from ddpm_dist.samplers import Sampler, sample_generators  # noqa: E402
 from ddpm_dist.unet import count_parameters  # noqa: E402
+from bench_utils import diffusers_unet, time_median  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def diffusers_unet(m):
-    """UNet2DModel with our layout (google/ddpm-cifar10-32 and ddpm-church-256 are built so)."""
-    from diffusers import UNet2DModel
-    attn = [m.resolution // 2 ** level in m.attn_resolutions for level in range(len(m.ch_mult))]
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
-    return UNet2DModel(sample_size=m.resolution, in_channels=m.in_channels, out_channels=m.out_ch,
-                       layers_per_block=m.num_res_blocks, block_out_channels=tuple(m.ch * k for k in m.ch_mult),
-                       down_block_types=down, up_block_types=up, norm_eps=1e-6, downsample_padding=0,
-                       flip_sin_to_cos=False, freq_shift=1, dropout=m.dropout).eval()
-
-
-def time_median(fn, repeats: int, device) -> float:
-    """Median seconds of `repeats` runs after a warm-up (kernel selection, allocator)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def ours(cfg, sampler: str, args, device):
@@ -68,7 +40,7 @@ def ours(cfg, sampler: str, args, device):
 
 def theirs(cfg, sampler: str, args, device):
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
-    unet = diffusers_unet(cfg.model).to(device)
+    unet = diffusers_unet(cfg.model).to(device).eval()
     T = cfg.diffusion.num_timesteps
     if sampler == "ddpm":
         pipe = DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=T, beta_schedule="linear",

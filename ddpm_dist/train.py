@@ -12,7 +12,6 @@ import contextlib
 import math
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

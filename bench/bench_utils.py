@@ -1,0 +1,34 @@
+"""What the benchmarks share: the diffusers peer of a config and median timing."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ddpm_dist.config import ModelConfig
+from ddpm_dist.convert_diffusers import unet_config
+
+
+def diffusers_unet(cfg: ModelConfig):
+    """diffusers' UNet2DModel with our layout, built from the config our exporter writes (the
+    google/ddpm-* checkpoints use the same layout)."""
+    from diffusers import UNet2DModel
+
+    settings = {k: v for k, v in unet_config(cfg).items() if not k.startswith("_")}
+    return UNet2DModel.from_config(settings)
+
+
+def time_median(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `repeats` runs after a warm-up (kernel selection, allocator, compile)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
