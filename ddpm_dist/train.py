@@ -79,7 +79,7 @@ def sample_grid(cfg: Config, engine, diffusion, device, step: int, writer: Metri
     shape = (cfg.train.num_samples, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     with engine.ema_weights(), engine.autocast():
-        x = diffusion.p_sample_loop(engine.model, shape, generator=gen, device=device)
+        x = diffusion.p_sample_loop(engine.model, shape, generator=gen, device=device, progress=writer.enabled)
     grid = make_grid(to_uint8(x).cpu())
     writer.image(step, "samples/ema", grid)
     if writer.enabled:
@@ -88,15 +88,20 @@ def sample_grid(cfg: Config, engine, diffusion, device, step: int, writer: Metri
 
 
 def train(cfg: Config) -> TrainResult:
-    info = distributed.init_distributed(cfg.device, always_group=cfg.engine != "single")
-    setup_logging(info.rank)
+    # Catch stop signals from the start: one arriving while the model is built is acted on at
+    # the first step boundary instead of killing the process unsaved.
+    stop = StopRequest()
+    stop.install()
     try:
-        return _train(cfg, info)
+        info = distributed.init_distributed(cfg.device, always_group=cfg.engine != "single")
+        setup_logging(info.rank)
+        return _train(cfg, info, stop)
     finally:
+        stop.uninstall()
         distributed.teardown()
 
 
-def _train(cfg: Config, info) -> TrainResult:
+def _train(cfg: Config, info, stop: StopRequest) -> TrainResult:
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,8 +126,6 @@ def _train(cfg: Config, info) -> TrainResult:
              f"parameters; steps {start} → {cfg.train.total_steps}; output {out_dir}")
 
     writer = MetricsWriter(out_dir, enabled=info.is_main)
-    stop = StopRequest()
-    stop.install()
     batches = iter(stream)
     # The engine keeps CUDA weights channels_last (faster convolutions); inputs match them.
     memory_format = torch.channels_last if info.device.type == "cuda" else torch.preserve_format
@@ -175,7 +178,6 @@ def _train(cfg: Config, info) -> TrainResult:
                 return TrainResult(done, True, loss_value, stop.signum)
         return TrainResult(cfg.train.total_steps, False, loss_value)
     finally:
-        stop.uninstall()
         progress.close()
         writer.close()
 
