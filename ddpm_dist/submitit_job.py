@@ -9,6 +9,7 @@ No collective ever runs inside a signal handler.
 """
 from __future__ import annotations
 
+import os
 import signal
 
 import submitit
@@ -25,7 +26,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config, self.overrides = config, list(overrides)
 
     def __call__(self) -> int:
-        # rank, world size and rendezvous from submitit's view of the job (Slurm or local)
+        # Rank, world size and rendezvous from submitit's view of the job (Slurm or local). Values
+        # inherited from the submitting shell (a torchrun session, a test process) are stale here.
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(key, None)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         result = train(load_config(self.config, self.overrides))
         if result.stopped_early:

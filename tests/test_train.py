@@ -128,7 +128,7 @@ def test_tensorboard_events_read_back(tmp_path):
 def test_demo_learns_the_digits(tmp_path):
     """A few hundred steps on the digits: the loss falls well below its start and EMA samples'
     pixel statistics move from the untrained model's toward the data's."""
-    cfg = load_config("configs/demo_digits.yaml", [f"out_dir={tmp_path}", "train.total_steps=400",
+    cfg = load_config("configs/demo_digits.yaml", [f"out_dir={tmp_path}", "train.total_steps=400", "train.log_every=1",
                                                    "train.batch_size=32", "train.num_samples=16",
                                                    "train.sample_every=400", "train.ckpt_every=400",
                                                    "train.ema_decay=0.99"])
@@ -144,13 +144,13 @@ def test_demo_learns_the_digits(tmp_path):
     untrained = build_model(cfg.model).eval()
     data = to_model_range(load_digits_images(16))
 
-    def stats(images):  # mean image and the fraction of ink pixels
-        return images.mean(0), (images > 0).float().mean()
+    def stats(images):  # the mean image and the overall pixel spread
+        return images.mean(0), images.std()
 
-    data_mean, data_ink = stats(data)
+    data_mean, data_std = stats(data)
     shape = (32, 3, 16, 16)
     for_model = lambda m: diffusion.p_sample_loop(m, shape, generator=torch.Generator().manual_seed(0))
     before, after = stats(for_model(untrained)), stats(for_model(trained))
-    dist = lambda s: ((s[0] - data_mean).square().mean().sqrt().item(), abs(s[1] - data_ink).item())
+    dist = lambda s: ((s[0] - data_mean).square().mean().sqrt().item(), abs(s[1] - data_std).item())
     d_before, d_after = dist(before), dist(after)
-    assert d_after[0] < 0.5 * d_before[0] and d_after[1] < 0.5 * d_before[1], (d_before, d_after)
+    assert d_after[0] < 0.6 * d_before[0] and d_after[1] < 0.5 * d_before[1], (d_before, d_after)

@@ -17,14 +17,25 @@ def torchrun(out_dir, nproc, *overrides, wait=True):
            f"--master_port={free_port()}", "-m", "ddpm_dist.train", "--config", "configs/demo_digits.yaml",
            f"out_dir={out_dir}", "engine=fsdp", "device=cpu", *TINY, *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # A session of its own, so kill -9 can take the launcher and every rank at once.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         return err
     return proc
+
+
+def kill_9_job(out_dir) -> None:
+    """SIGKILL the launcher and every rank of the run writing to out_dir. torchrun starts its
+    ranks in process groups of their own, so a group kill would miss them."""
+    needle = f"out_dir={out_dir}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
 
 
 def test_fsdp_kill_resume_and_reshard_to_one_rank(tmp_path):
@@ -33,7 +44,7 @@ def test_fsdp_kill_resume_and_reshard_to_one_rank(tmp_path):
 
     proc = torchrun(killed, 2, "train.total_steps=1000", wait=False)
     wait_for_step(killed, 5, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_9_job(killed)
     proc.communicate()
     err = torchrun(killed, 2, "train.total_steps=12")
     assert "resumed from" in err
