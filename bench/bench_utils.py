@@ -19,9 +19,10 @@ def diffusers_unet(cfg: ModelConfig):
     return UNet2DModel.from_config(settings)
 
 
-def time_median(fn, repeats: int, device: torch.device) -> float:
+def time_median(fn, repeats: int, device: torch.device, warmup: bool = True) -> float:
     """Median seconds of `repeats` runs after a warm-up (kernel selection, allocator, compile)."""
-    fn()
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -32,3 +33,15 @@ def time_median(fn, repeats: int, device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, repeats: int, device: torch.device) -> dict:
+    """Median seconds of each function, timed in turns (a, b, a, b, ...) after one warm-up each,
+    so a change in machine load during the run hits every peer alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_median(fn, 1, device, warmup=False))
+    return {name: statistics.median(values) for name, values in times.items()}

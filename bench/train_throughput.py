@@ -8,7 +8,8 @@ same topology, measured in the same run.
 One training step = L_simple forward + backward + Adam (fused on CUDA, foreach elsewhere) + EMA
 lerp, on random data (speed does not depend on the pixels). Both networks get the same batch,
 precision, memory format and optimizer. Each figure is the median of --repeats timed runs of
---steps steps after a warm-up run; the ratio column is ours / diffusers.
+--steps steps, timed in turns with the peer after a warm-up run; the ratio column is ours /
+diffusers.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_utils import diffusers_unet, time_median  # noqa: E402
+from bench_utils import diffusers_unet, interleaved_medians  # noqa: E402
 from ddpm_dist.config import load_config  # noqa: E402
 from ddpm_dist.factory import build_diffusion, build_model  # noqa: E402
 from ddpm_dist.monitor import model_flops_per_image, peak_flops  # noqa: E402
@@ -59,20 +60,19 @@ def measure(name: str, batch: int, args, device) -> list[str]:
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     ours = build_model(cfg.model)
     flops = model_flops_per_image(ours, cfg.model)
-    rows = []
-    peers = [("ddpm-dist", ours, lambda n, x, t: n(x, t))]
+    nets = {"ddpm-dist": (ours, lambda n, x, t: n(x, t))}
     try:
-        peers.append(("diffusers", diffusers_unet(cfg.model), lambda n, x, t: n(x, t).sample))
+        nets["diffusers"] = (diffusers_unet(cfg.model), lambda n, x, t: n(x, t).sample)
     except ImportError:
         print("diffusers is not installed: pip install 'ddpm-dist[bench]'", file=sys.stderr)
-    rates = {}
-    for label, net, call in peers:
-        seconds = time_median(step_fn(net, call, cfg, batch, args, device), args.repeats, device)
-        rates[label] = batch * args.steps / seconds
-        peak = peak_flops(device)
+    fns = {label: step_fn(net, call, cfg, batch, args, device) for label, (net, call) in nets.items()}
+    seconds = interleaved_medians(fns, args.repeats, device)
+    rates = {label: batch * args.steps / s for label, s in seconds.items()}
+    peak = peak_flops(device)
+    rows = []
+    for label, (net, _) in nets.items():
         mfu = f"{rates[label] * flops / peak:.1%}" if peak else "n/a"
         rows.append(f"| {name} | {label} | {count_parameters(net) / 1e6:.2f}M | {batch} | {rates[label]:,.1f} | {mfu} |")
-        del net
     if len(rates) == 2:
         rows.append(f"| {name} | ratio ours/diffusers | | | {rates['ddpm-dist'] / rates['diffusers']:.2f}x | |")
     return rows
