@@ -5,7 +5,6 @@ values, loaded with `weights_only=True`). Neither format can run code when loade
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -73,20 +72,10 @@ def load_model_file(path: str | Path) -> tuple[UNet, GaussianDiffusion]:
     return model.eval(), build_diffusion(diffusion_cfg)
 
 
-def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path) -> Path:
+def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path) -> None:
     """Write the EMA weights of a training checkpoint (or of a run's newest one) as a model file.
     Runs in one process: DCP reshards whatever world size wrote the checkpoint."""
-    from ddpm_dist.checkpoint import CheckpointError, checkpoint_config, latest_checkpoint, load_checkpoint
-    from ddpm_dist.distributed import init_distributed
-    from ddpm_dist.engines import build_engine
+    from ddpm_dist.load import load_checkpoint_ema
 
-    path = Path(run_or_checkpoint)
-    ckpt = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
-    if ckpt is None:
-        raise CheckpointError(f"{path} holds no complete checkpoint yet")
-    cfg = dataclasses.replace(checkpoint_config(ckpt), engine="single", device="cpu")
-    info = init_distributed("cpu")
-    engine = build_engine(cfg, build_model(cfg.model), info.device, info)
-    load_checkpoint(ckpt, engine)
-    save_model_file(out, engine.full_ema_state_dict(), cfg)
-    return ckpt
+    model, _, cfg = load_checkpoint_ema(Path(run_or_checkpoint), None)
+    save_model_file(out, model.state_dict(), cfg)

@@ -51,7 +51,8 @@ def load_checkpoint_ema(path: Path, config_path: str | None) -> tuple[UNet, Gaus
     folder = _checkpoint_folder(path)
     cfg = _run_config(folder, config_path)
     if cfg.engine == "deepspeed":
-        raise ModelSourceError(f"{folder}: DeepSpeed checkpoints must be exported first (tools/export.py)")
+        raise ModelSourceError(f"{folder} was written by engine=deepspeed, whose format only DeepSpeed "
+                               f"reads back, on the same world size; evaluate or export single/ddp/fsdp runs")
     # Plain fp32 module: no compile, no activation checkpointing, whatever training used.
     cfg = dataclasses.replace(cfg, engine="single", train=dataclasses.replace(
         cfg.train, compile=False, activation_checkpointing=False))
