@@ -89,3 +89,10 @@ def run_slurm(script: str | Path, argv: list[str], world_size: int, *, gpus_per_
           flush=True)
     job.results()  # raises with the failing task's log if any task failed
     return 0
+
+
+def add_launch_arguments(parser) -> None:
+    """--world-size / --launcher / --gpus-per-node, shared by the distributed tools."""
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="slurm launcher")

@@ -88,4 +88,12 @@ def load_for_evaluation(ckpt: str | None, config_path: str | None = None, *,
     return load_model_file(path)
 
 
-__all__ = ["ModelSourceError", "ConfigError", "load_for_evaluation", "load_checkpoint_ema"]
+
+def add_model_arguments(parser) -> None:
+    """--config / --ckpt / --random-init, the model source of every evaluation tool."""
+    parser.add_argument("--config", help="model config (YAML); for --random-init or a checkpoint folder")
+    parser.add_argument("--ckpt", help="exported model file (.safetensors/.pt) or training checkpoint folder")
+    parser.add_argument("--random-init", action="store_true", help="untrained weights (smoke tests)")
+
+
+__all__ = ["ModelSourceError", "ConfigError", "add_model_arguments", "load_for_evaluation", "load_checkpoint_ema"]

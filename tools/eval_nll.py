@@ -22,22 +22,18 @@ from tqdm import tqdm  # noqa: E402
 from ddpm_dist import distributed, launcher  # noqa: E402
 from ddpm_dist.config import ConfigError  # noqa: E402
 from ddpm_dist.metrics.stats import all_reduce_sum  # noqa: E402
-from ddpm_dist.load import ModelSourceError, load_for_evaluation  # noqa: E402
+from ddpm_dist.load import ModelSourceError, add_model_arguments, load_for_evaluation  # noqa: E402
 from ddpm_dist.samplers import sample_generators  # noqa: E402
 from ddpm_dist.sampling import weights_sha256  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="model config (YAML); for --random-init or a checkpoint folder")
-    p.add_argument("--ckpt", help="exported model file (.safetensors/.pt) or training checkpoint folder")
-    p.add_argument("--random-init", action="store_true", help="untrained weights (smoke tests)")
+    add_model_arguments(p)
+    launcher.add_launch_arguments(p)
     p.add_argument("--data", default="digits", help="'digits' (embedded), an image folder or an .npz (arr_0)")
     p.add_argument("--num-images", type=int, default=None, help="first N images (default: all)")
     p.add_argument("--out", help="result JSON (default: print only)")
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="slurm launcher")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")

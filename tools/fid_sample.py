@@ -25,20 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ddpm_dist import distributed, launcher  # noqa: E402
 from ddpm_dist.config import ConfigError  # noqa: E402
-from ddpm_dist.load import ModelSourceError, load_for_evaluation  # noqa: E402
+from ddpm_dist.load import ModelSourceError, add_model_arguments, load_for_evaluation  # noqa: E402
 from ddpm_dist.sampling import SampleJob, StreamingScore, generate, weights_sha256  # noqa: E402
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="model config (YAML); for --random-init or a checkpoint folder")
-    p.add_argument("--ckpt", help="exported model file (.safetensors/.pt) or training checkpoint folder")
-    p.add_argument("--random-init", action="store_true", help="untrained weights (smoke tests)")
+    add_model_arguments(p)
+    launcher.add_launch_arguments(p)
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="disjoint seed sets seed, seed+1, ...: FID mean ± std")
     p.add_argument("--steps", type=int, default=None, help="respaced steps K (default: all T)")
@@ -50,7 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score", action="store_true", help="Inception Score (and FID with --ref-stats)")
     p.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid Inception state dict")
     p.add_argument("--ref-stats", metavar="NPZ", help="reference mu/sigma (tools/fid_stats.py)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="slurm launcher")
     p.add_argument("--partition", help="slurm launcher")
     p.add_argument("--timeout-min", type=int, default=24 * 60, help="slurm launcher")
     args = p.parse_args(argv)
