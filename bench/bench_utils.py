@@ -7,7 +7,7 @@ import time
 import torch
 
 from ddpm_dist.config import ModelConfig
-from ddpm_dist.convert_diffusers import unet_config
+from ddpm_dist.modelio.diffusers_format import unet_config
 
 
 def diffusers_unet(cfg: ModelConfig):

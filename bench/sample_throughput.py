@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddpm_dist.config import load_config  # noqa: E402
-from ddpm_dist.factory import build_diffusion, build_model  # noqa: E402
+from ddpm_dist.modelio.factory import build_diffusion, build_model  # noqa: E402
 from ddpm_dist.samplers import Sampler, sample_generators  # noqa: E402
 from ddpm_dist.unet import count_parameters  # noqa: E402
 from bench_utils import diffusers_unet, time_median  # noqa: E402

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_utils import diffusers_unet, interleaved_medians  # noqa: E402
 from ddpm_dist.config import load_config  # noqa: E402
-from ddpm_dist.factory import build_diffusion, build_model  # noqa: E402
-from ddpm_dist.monitor import model_flops_per_image, peak_flops  # noqa: E402
+from ddpm_dist.modelio.factory import build_diffusion, build_model  # noqa: E402
+from ddpm_dist.training.telemetry import model_flops_per_image, peak_flops  # noqa: E402
 from ddpm_dist.unet import count_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 
 from ddpm_dist import distributed
-from ddpm_dist.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpm_dist.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpm_dist.config import Config, ConfigError, load_config, save_config
 from ddpm_dist.data import build_stream
 from ddpm_dist.data.fs import DataError
-from ddpm_dist.engines import batch_split, build_engine
-from ddpm_dist.factory import build_diffusion, build_model
+from ddpm_dist.training.engines import batch_split, build_engine
+from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.images import make_grid, save_png, to_uint8
-from ddpm_dist.logging import MetricsWriter, log, setup_logging
-from ddpm_dist.monitor import StepTimer, loss_by_quarter, memory_gb, model_flops_per_image, peak_flops
+from ddpm_dist.utils.logs import MetricsWriter, log, setup_logging
+from ddpm_dist.training.telemetry import StepTimer, loss_by_quarter, memory_gb, model_flops_per_image, peak_flops
 
 MAX_NONFINITE = 20  # consecutive non-finite steps before the run stops with a checkpoint
 

@@ -17,7 +17,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from ddpm_dist import convert_diffusers as cd
-from ddpm_dist.export import load_model_file
+from ddpm_dist.modelio.model_file import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_UNET = dict(layers_per_block=2, downsample_padding=0, norm_eps=1e-6, attention_head_dim=None,
@@ -124,7 +124,7 @@ def test_one_reverse_step_equals_ddpm_scheduler_step(tmp_path, small_pipeline, v
 def test_fixed_large_variance_at_t0_differs_but_sampling_does_not():
     """Ours takes σ²_0 = β̃_1 (the original code, DESIGN §3); diffusers takes β_0. Neither adds
     noise at t = 0, so samples agree; only our bits/dim decoder term uses σ_0."""
-    from ddpm_dist.factory import build_diffusion
+    from ddpm_dist.modelio.factory import build_diffusion
     ours = build_diffusion(cd.diffusion_config_from_scheduler({"variance_type": "fixed_large"}))
     theirs = float64_tables(DDPMScheduler(variance_type="fixed_large"))
     assert math.isclose(theirs._get_variance(0).item(), 1e-4, rel_tol=1e-9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm_dist.ema import EMA
+from ddpm_dist.training.ema import EMA
 
 
 def test_constant_target_closed_form():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ddpm_dist.config import Config, ModelConfig
 from ddpm_dist.distributed import free_port, init_distributed, teardown
-from ddpm_dist.engines import build_engine
+from ddpm_dist.training.engines import build_engine
 from ddpm_dist.unet import UNet
 
 SMALL = ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
@@ -229,7 +229,7 @@ def test_deepspeed_zero3_bf16_native_checkpoint_round_trip(tmp_path):
 
 def test_deepspeed_fp16_on_cpu_is_refused_in_one_line():
     import deepspeed  # noqa: F401  (the test extras install it; missing must fail, not skip)
-    from ddpm_dist.engines.deepspeed_engine import check_supported
+    from ddpm_dist.training.engines.deepspeed_engine import check_supported
     with pytest.raises(RuntimeError, match="precision=fp16 is not supported"):
         check_supported(make_cfg("deepspeed", "fp16"))
 
@@ -266,14 +266,14 @@ def test_activation_checkpointing_gives_the_same_step():
 def test_deepspeed_missing_is_one_clear_error(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # how Python marks "not importable"
-    from ddpm_dist.engines.deepspeed_engine import import_deepspeed
+    from ddpm_dist.training.engines.deepspeed_engine import import_deepspeed
     with pytest.raises(RuntimeError, match=r"pip install ddpm-dist\[deepspeed\]"):
         import_deepspeed()
 
 
 def test_compile_on_cpu_low_precision_forces_avx2():
     import torch._inductor.config as inductor_config
-    from ddpm_dist.engines.base import guard_cpu_compile
+    from ddpm_dist.training.engines.base import guard_cpu_compile
     old = inductor_config.cpp.simdlen
     try:
         guard_cpu_compile(torch.device("cpu"), "fp32")

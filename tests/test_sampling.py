@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from ddpm_dist.config import Config, DiffusionConfig, ModelConfig
-from ddpm_dist.export import load_model_file, save_model_file
-from ddpm_dist.factory import build_model
+from ddpm_dist.modelio.model_file import load_model_file, save_model_file
+from ddpm_dist.modelio.factory import build_model
 from ddpm_dist.samplers import Sampler, ddim_sample_loop, respace, sample_generators
-from ddpm_dist.sampling import load_png, missing_indices, sample_path
+from ddpm_dist.evaluation.generate import load_png, missing_indices, sample_path
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 12  # ≥ 10: the Inception Score has 10 splits

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_dist.export import export_checkpoint, read_model_file
+from ddpm_dist.modelio.model_file import export_checkpoint, read_model_file
 
 pytestmark = pytest.mark.slurm
 

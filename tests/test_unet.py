@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddpm_dist.config import load_config
-from ddpm_dist.factory import build_model
+from ddpm_dist.modelio.factory import build_model
 from ddpm_dist.unet import AttnBlock, Block, UNet, count_parameters, timestep_embedding
 
 

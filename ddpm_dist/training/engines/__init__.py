@@ -5,8 +5,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config
-from ..distributed import DistInfo
+from ddpm_dist.config import Config
+from ddpm_dist.distributed import DistInfo
 from .base import DynamicLossScaler, Engine, StepResult, apply_block_options
 
 __all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_split"]

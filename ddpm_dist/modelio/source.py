@@ -13,7 +13,7 @@ import torch
 
 from ddpm_dist.config import Config, ConfigError, load_config
 from ddpm_dist.diffusion import GaussianDiffusion
-from ddpm_dist.factory import build_diffusion, build_model
+from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.unet import UNet
 
 
@@ -33,7 +33,7 @@ def _run_config(ckpt_dir: Path, config_path: str | None) -> Config:
 
 def _checkpoint_folder(path: Path) -> Path:
     """step_XXXXXXXX itself, or the latest complete one under a run or checkpoints folder."""
-    from ddpm_dist.checkpoint import latest_checkpoint
+    from ddpm_dist.training.checkpoint import latest_checkpoint
     if (path / ".metadata").is_file():
         return path
     for folder in (path / "checkpoints", path):
@@ -45,9 +45,9 @@ def _checkpoint_folder(path: Path) -> Path:
 
 def load_checkpoint_ema(path: Path, config_path: str | None) -> tuple[UNet, GaussianDiffusion, Config]:
     """EMA weights of a DCP training checkpoint, via a single-process `single` engine."""
-    from ddpm_dist.checkpoint import CheckpointError, load_checkpoint
+    from ddpm_dist.training.checkpoint import CheckpointError, load_checkpoint
     from ddpm_dist.distributed import DistInfo
-    from ddpm_dist.engines import build_engine
+    from ddpm_dist.training.engines import build_engine
     folder = _checkpoint_folder(path)
     cfg = _run_config(folder, config_path)
     if cfg.engine == "deepspeed":
@@ -84,7 +84,7 @@ def load_for_evaluation(ckpt: str | None, config_path: str | None = None, *,
     if path.is_dir():
         model, diffusion, _ = load_checkpoint_ema(path, config_path)
         return model, diffusion
-    from ddpm_dist.export import load_model_file
+    from ddpm_dist.modelio.model_file import load_model_file
     return load_model_file(path)
 
 

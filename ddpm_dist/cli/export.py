@@ -7,10 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from ddpm_dist.config import ConfigError  # noqa: E402
-from ddpm_dist.export import export_checkpoint  # noqa: E402
+from ddpm_dist.config import ConfigError
+from ddpm_dist.modelio.model_file import export_checkpoint
 
 
 def main() -> int:

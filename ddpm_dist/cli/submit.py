@@ -6,7 +6,7 @@
     python launch/submit.py --local --config configs/demo_digits.yaml --gpus-per-node 0 --cpus-per-task 2 \
         --tasks-per-node 2 engine=ddp device=cpu train.total_steps=200               # a laptop
 
-Each job runs one rank per task (`ddpm_dist.submitit_job.TrainJob`). On preemption or
+Each job runs one rank per task (`ddpm_dist.launch.train_job.TrainJob`). On preemption or
 `--signal-delay` seconds before the time limit every rank stops at the next step boundary,
 a checkpoint is written, and the job is requeued and resumes from it. Logs: --folder.
 """
@@ -17,10 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout, uninstalled
 
-from ddpm_dist.config import ConfigError, load_config  # noqa: E402
+from ddpm_dist.config import ConfigError, load_config
+from ddpm_dist.launch.ranks import package_env
 
 
 def _int_list(text: str) -> list[int]:
@@ -86,12 +85,12 @@ def make_executor(args: argparse.Namespace):
 
 def submit(args: argparse.Namespace) -> list:
     """Submit every job (as one array when several); returns submitit Job handles."""
-    from ddpm_dist.submitit_job import TrainJob
+    from ddpm_dist.launch.train_job import TrainJob
     commands = job_commands(args)
     # Jobs inherit this environment. They run `python -m submitit.core._submit` in the submit
     # directory: make our package importable there even when it is not installed; and give
     # each rank a thread pool of its own CPUs, or ranks sharing a node oversubscribe it.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ.update(package_env())
     os.environ.setdefault("OMP_NUM_THREADS", str(args.cpus_per_task))
     executor = make_executor(args)
     with executor.batch():

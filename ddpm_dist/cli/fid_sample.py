@@ -21,13 +21,15 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from ddpm_dist import distributed, launcher  # noqa: E402
-from ddpm_dist.config import ConfigError  # noqa: E402
-from ddpm_dist.load import ModelSourceError, add_model_arguments, load_for_evaluation  # noqa: E402
-from ddpm_dist.sampling import SampleJob, StreamingScore, generate, weights_sha256  # noqa: E402
-from ddpm_dist.samplers import SAMPLERS, Sampler, respace  # noqa: E402
+from ddpm_dist import distributed
+from ddpm_dist.launch import ranks as launcher
+
+MODULE = "ddpm_dist.cli.fid_sample"  # what each rank runs
+from ddpm_dist.config import ConfigError
+from ddpm_dist.modelio.source import ModelSourceError, add_model_arguments, load_for_evaluation
+from ddpm_dist.evaluation.generate import SampleJob, StreamingScore, generate, weights_sha256
+from ddpm_dist.samplers import SAMPLERS, Sampler, respace
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,10 +132,10 @@ def main(argv=None) -> int:
         if launcher.needs_launch(args.world_size):
             preflight(args)  # one error line here, not one per rank
             if args.launcher == "slurm":
-                return launcher.run_slurm(__file__, argv, args.world_size, gpus_per_node=args.gpus_per_node,
+                return launcher.run_slurm(MODULE, argv, args.world_size, gpus_per_node=args.gpus_per_node,
                                           folder=Path(args.out) / "slurm", partition=args.partition,
                                           timeout_min=args.timeout_min)
-            return launcher.run_local(__file__, argv, args.world_size)
+            return launcher.run_local(MODULE, argv, args.world_size)
         result = run_rank(args)
     except (FileNotFoundError, ValueError, ConfigError, ModelSourceError, RuntimeError) as err:
         sys.exit(f"fid_sample.py: error: {err}")

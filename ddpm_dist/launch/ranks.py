@@ -1,8 +1,8 @@
-"""Start W ranks of an entry-point script: here, as local processes, or as a Slurm job.
+"""Start W ranks of an entry-point module: here, as local processes, or as a Slurm job.
 
-Every way ends in the same place: the script runs once per rank with torchrun's or srun's
-variables set, and `distributed.init_distributed` reads them. So a tool's main only asks
-`needs_launch()`; if the ranks already exist (torchrun, srun, or a rank we spawned) it works.
+Every way ends in the same place: `python -m MODULE ARGV` runs once per rank with torchrun's
+or srun's variables set, and `distributed.init_distributed` reads them. So a tool's main only
+asks `needs_launch()`; if the ranks already exist (torchrun, srun, or a rank we spawned) it works.
 """
 from __future__ import annotations
 
@@ -15,7 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+import ddpm_dist
+
 from ddpm_dist.distributed import detect_launch, free_port
+
+
+def package_env(env: dict | None = None) -> dict:
+    """`env` (default: this process's) with this checkout first on PYTHONPATH, so the ranks and
+    jobs we start import the same ddpm_dist as we do, installed or not."""
+    env = dict(os.environ if env is None else env)
+    root = str(Path(ddpm_dist.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
 
 
 def needs_launch(world_size: int) -> bool:
@@ -31,8 +42,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_local(script: str | Path, argv: list[str], world_size: int) -> int:
-    """W processes of `script argv` on this machine with torchrun's variables; the first
+def run_local(module: str, argv: list[str], world_size: int) -> int:
+    """W processes of `python -m module argv` on this machine with torchrun's variables; the first
     failure stops the others. Returns the exit code of the run."""
     port = free_port()
     # As torchrun: W ranks each with all cores' OpenMP threads oversubscribe the CPU, and
@@ -40,10 +51,10 @@ def run_local(script: str | Path, argv: list[str], world_size: int) -> int:
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        env = dict(package_env(), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS=threads)
-        procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
                                       preexec_fn=_die_with_parent))
     return _wait_all(procs)
 
@@ -65,11 +76,11 @@ def _wait_all(procs: list[subprocess.Popen]) -> int:
         time.sleep(0.2)
 
 
-def run_slurm(script: str | Path, argv: list[str], world_size: int, *, gpus_per_node: int,
+def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: int,
               folder: str | Path, partition: str | None = None, timeout_min: int = 24 * 60,
               cpus_per_task: int = 8) -> int:
     """A submitit job of W tasks over ceil(W / gpus_per_node) nodes, one GPU per task; each task
-    runs `script argv` (srun sets SLURM_PROCID, which the script reads). Waits for the job."""
+    runs `python -m module argv` (srun sets SLURM_PROCID, which the script reads). Waits for the job."""
     import submitit  # optional: only this launcher needs it
     nodes = math.ceil(world_size / gpus_per_node)
     per_node = min(world_size, gpus_per_node)
@@ -83,8 +94,8 @@ def run_slurm(script: str | Path, argv: list[str], world_size: int, *, gpus_per_
     if partition:
         params["slurm_partition"] = partition
     executor.update_parameters(**params)
-    job = executor.submit(submitit.helpers.CommandFunction([sys.executable, str(script), *argv],
-                                                           cwd=os.getcwd()))
+    job = executor.submit(submitit.helpers.CommandFunction([sys.executable, "-m", module, *argv],
+                                                           cwd=os.getcwd(), env=package_env()))
     print(f"submitted Slurm job {job.job_id}: {world_size} tasks on {nodes} node(s); logs in {folder}",
           flush=True)
     job.results()  # raises with the failing task's log if any task failed

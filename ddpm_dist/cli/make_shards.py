@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Write WebDataset tar shards + index.json from an image folder, CIFAR-10, LSUN lmdb or digits.
 
     python tools/make_shards.py --source cifar10 --input cifar-10-batches-py \
@@ -16,11 +15,10 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_dist.data.convert import make_shards  # noqa: E402
-from ddpm_dist.data.fs import DataError  # noqa: E402
-from ddpm_dist.data.sources import open_source  # noqa: E402
+from ddpm_dist.data.convert import make_shards
+from ddpm_dist.data.fs import DataError
+from ddpm_dist.data.sources import open_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,9 +11,9 @@ import torch.distributed.checkpoint.state_dict as dcp_sd
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..config import Config
-from ..distributed import DistInfo
-from ..ema import EMA
+from ddpm_dist.config import Config
+from ddpm_dist.distributed import DistInfo
+from ddpm_dist.training.ema import EMA
 from .base import DTYPES, DynamicLossScaler, Engine, StepResult, autocast_context
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ddpm_dist.config import Config, ConfigError, DiffusionConfig, ModelConfig, build_section, config_to_dict
 from ddpm_dist.diffusion import GaussianDiffusion
-from ddpm_dist.factory import build_diffusion, build_model
+from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.unet import UNet
 
 FORMAT = "ddpm-dist/1"
@@ -75,7 +75,7 @@ def load_model_file(path: str | Path) -> tuple[UNet, GaussianDiffusion]:
 def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path) -> None:
     """Write the EMA weights of a training checkpoint (or of a run's newest one) as a model file.
     Runs in one process: DCP reshards whatever world size wrote the checkpoint."""
-    from ddpm_dist.load import load_checkpoint_ema
+    from ddpm_dist.modelio.source import load_checkpoint_ema
 
     model, _, cfg = load_checkpoint_ema(Path(run_or_checkpoint), None)
     save_model_file(out, model.state_dict(), cfg)

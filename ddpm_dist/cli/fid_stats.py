@@ -9,12 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from ddpm_dist.metrics.evaluate import add_inception_arguments, inception_statistics  # noqa: E402
-from ddpm_dist.metrics.image_sources import open_images  # noqa: E402
-from ddpm_dist.metrics.inception import PIPELINE, load_inception  # noqa: E402
-from ddpm_dist.metrics.stats import save_stats  # noqa: E402
+from ddpm_dist.metrics.evaluate import add_inception_arguments, inception_statistics
+from ddpm_dist.metrics.image_sources import open_images
+from ddpm_dist.metrics.inception import PIPELINE, load_inception
+from ddpm_dist.metrics.stats import save_stats
 
 
 def main(argv=None) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ddpm_dist.config import Config, DiffusionConfig, ModelConfig
-from ddpm_dist.export import read_model_file, save_model_file
-from ddpm_dist.factory import build_model
+from ddpm_dist.modelio.model_file import read_model_file, save_model_file
+from ddpm_dist.modelio.factory import build_model
 
 # UNet2DModel.__init__ defaults (diffusers 0.42), applied to keys a config.json leaves out
 # so that an old, short config means what diffusers would read it as.

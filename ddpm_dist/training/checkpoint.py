@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ddpm_dist.config import Config, ConfigError, config_to_dict, load_config, save_config
 from ddpm_dist.distributed import barrier
-from ddpm_dist.logging import log
+from ddpm_dist.utils.logs import log
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 DEEPSPEED_TAG = "deepspeed"

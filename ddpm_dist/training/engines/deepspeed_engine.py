@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config
-from ..distributed import DistInfo
-from ..ema import EMA
+from ddpm_dist.config import Config
+from ddpm_dist.distributed import DistInfo
+from ddpm_dist.training.ema import EMA
 from .base import Engine, StepResult, autocast_context
 
 INSTALL_HINT = "engine=deepspeed needs `pip install ddpm-dist[deepspeed]`"

@@ -9,9 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from ddpm_dist.metrics.evaluate import add_inception_arguments, fid_of_paths  # noqa: E402
+from ddpm_dist.metrics.evaluate import add_inception_arguments, fid_of_paths
 
 
 def main(argv=None) -> None:

@@ -14,17 +14,19 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from ddpm_dist import distributed, launcher  # noqa: E402
-from ddpm_dist.config import ConfigError  # noqa: E402
-from ddpm_dist.metrics.stats import all_reduce_sum  # noqa: E402
-from ddpm_dist.load import ModelSourceError, add_model_arguments, load_for_evaluation  # noqa: E402
-from ddpm_dist.samplers import sample_generators  # noqa: E402
-from ddpm_dist.sampling import weights_sha256  # noqa: E402
+from ddpm_dist import distributed
+from ddpm_dist.launch import ranks as launcher
+
+MODULE = "ddpm_dist.cli.eval_nll"  # what each rank runs
+from ddpm_dist.config import ConfigError
+from ddpm_dist.metrics.stats import all_reduce_sum
+from ddpm_dist.modelio.source import ModelSourceError, add_model_arguments, load_for_evaluation
+from ddpm_dist.samplers import sample_generators
+from ddpm_dist.evaluation.generate import weights_sha256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,9 +101,9 @@ def main(argv=None) -> int:
             load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)  # fail once, here
             if args.launcher == "slurm":
                 folder = Path(args.out).parent / "slurm" if args.out else Path("slurm_logs")
-                return launcher.run_slurm(__file__, argv, args.world_size, gpus_per_node=args.gpus_per_node,
+                return launcher.run_slurm(MODULE, argv, args.world_size, gpus_per_node=args.gpus_per_node,
                                           folder=folder)
-            return launcher.run_local(__file__, argv, args.world_size)
+            return launcher.run_local(MODULE, argv, args.world_size)
         result = run_rank(args)
     except (FileNotFoundError, ValueError, ConfigError, ModelSourceError) as err:
         sys.exit(f"eval_nll.py: error: {err}")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Convert between diffusers DDPM folders and our model files.
 
     python tools/convert_diffusers.py import ddpm-cifar10-32/ --out cifar10.safetensors
@@ -15,9 +14,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from ddpm_dist.convert_diffusers import ConversionError, export_diffusers, import_diffusers  # noqa: E402
+from ddpm_dist.modelio.diffusers_format import ConversionError, export_diffusers, import_diffusers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
