@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from ddpm_dist import convert_diffusers as cd
+from ddpm_dist.modelio import diffusers_format as cd
 from ddpm_dist.modelio.model_file import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
