@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from ddpm_dist.utils.files import atomic_write
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message says which key and what is allowed."""
@@ -230,7 +232,4 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (temp name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ddpm_dist.utils.files import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -28,11 +29,10 @@ def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:
-    """uint8 [C, H, W] → PNG, written to a temp name and renamed, so a reader never sees half a file."""
+    """uint8 [C, H, W] → PNG, written atomically, so a reader never sees half a file."""
     path = Path(path)
     array = image.permute(1, 2, 0).cpu().numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from ddpm_dist.diffusion import GaussianDiffusion, randn
+from ddpm_dist.utils.seeds import derive_seed
 
 SAMPLERS = ("ddpm", "ddim")
 
 
 def sample_seed(seed: int, index: int) -> int:
-    """A 64-bit generator seed from (seed, index): SeedSequence mixes both, so nearby pairs
-    such as (0, 1) and (1, 0) give unrelated streams."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+    """The generator seed of sample `index` of a run seeded `seed`."""
+    return derive_seed(seed, index)
 
 
 def sample_generators(seed: int, indices: Sequence[int], device="cpu") -> list[torch.Generator]:

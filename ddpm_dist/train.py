@@ -8,7 +8,6 @@ Resumes by itself from the newest complete checkpoint in `<out_dir>/checkpoints/
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import signal
 import sys
@@ -18,27 +17,24 @@ from pathlib import Path
 import torch
 
 from ddpm_dist import distributed
-from ddpm_dist.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpm_dist.config import Config, ConfigError, load_config, save_config
 from ddpm_dist.data import build_stream
 from ddpm_dist.data.fs import DataError
-from ddpm_dist.training.engines import batch_split, build_engine
-from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.images import make_grid, save_png, to_uint8
-from ddpm_dist.utils.logs import MetricsWriter, log, setup_logging
-from ddpm_dist.training.telemetry import StepTimer, loss_by_quarter, memory_gb, model_flops_per_image, peak_flops
+from ddpm_dist.modelio.factory import build_diffusion, build_model
+from ddpm_dist.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpm_dist.training.engines import batch_split, build_engine
+from ddpm_dist.training.step import StepOutput, draw_micro_batches, step_generator, train_step
+from ddpm_dist.training.telemetry import (MetricsWriter, StepTimer, loss_by_quarter, memory_gb,
+                                          model_flops_per_image, peak_flops)
+from ddpm_dist.utils.logs import log, setup_logging
+from ddpm_dist.utils.seeds import Purpose, derive_seed
 
 MAX_NONFINITE = 20  # consecutive non-finite steps before the run stops with a checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A distinct seed per (seed, step, rank): the random state of a step is a function of its
-    number, so a resumed run draws exactly what an uninterrupted one would."""
-    return (seed * 1_000_003 + step) * 4_099 + rank
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -73,20 +69,6 @@ class TrainResult:
     signum: int | None = None  # the signal this rank received, if any: launchers decide on requeue by it
 
 
-def sample_grid(cfg: Config, engine, diffusion, device, step: int, writer: MetricsWriter) -> None:
-    """EMA samples from a fixed seed; every rank computes (sharded models need all of them),
-    rank 0 writes the grid."""
-    shape = (cfg.train.num_samples, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    with engine.ema_weights(), engine.autocast():
-        x = diffusion.p_sample_loop(engine.model, shape, generator=gen, device=device, progress=writer.enabled)
-    grid = make_grid(to_uint8(x).cpu())
-    writer.image(step, "samples/ema", grid)
-    if writer.enabled:
-        (Path(cfg.out_dir) / "samples").mkdir(exist_ok=True)
-        save_png(grid, Path(cfg.out_dir) / "samples" / f"step_{step:08d}.png")
-
-
 def train(cfg: Config) -> TrainResult:
     # Catch stop signals from the start: one arriving while the model is built is acted on at
     # the first step boundary instead of killing the process unsaved.
@@ -95,91 +77,114 @@ def train(cfg: Config) -> TrainResult:
     try:
         info = distributed.init_distributed(cfg.device, always_group=cfg.engine != "single")
         setup_logging(info.rank)
-        return _train(cfg, info, stop)
+        return Run(cfg, info).train(stop)
     finally:
         stop.uninstall()
         distributed.teardown()
 
 
-def _train(cfg: Config, info, stop: StopRequest) -> TrainResult:
-    out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    micro_batch, accum = batch_split(cfg, info.world_size)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
-    flops = model_flops_per_image(model, cfg.model)
-    diffusion = build_diffusion(cfg.diffusion)
-    engine = build_engine(cfg, model, info.device, info)
-    stream = build_stream(cfg, micro_batch, rank=info.rank, world_size=info.world_size)
+class Run:
+    """One training run on this rank: the model, engine and data, resumed from the newest
+    checkpoint in out_dir, and the periodic actions around the steps."""
 
-    start = 0
-    resume_from = latest_checkpoint(ckpt_dir)
-    if resume_from is not None:
-        extra = load_checkpoint(resume_from, engine, cfg)
-        start = extra["step"]
-        stream.load_state_dict(extra["data"])
-        log.info(f"resumed from {resume_from} at step {start}")
-    log.info(f"{cfg.engine} on {info.world_size} x {info.device.type}: global batch {cfg.train.batch_size} = "
-             f"{info.world_size} ranks x {accum} micro-batches x {micro_batch}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-             f"parameters; steps {start} → {cfg.train.total_steps}; output {out_dir}")
+    def __init__(self, cfg: Config, info: distributed.DistInfo):
+        self.cfg, self.info = cfg, info
+        self.out_dir, self.ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+        self.micro_batch, self.accum = batch_split(cfg, info.world_size)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.flops = model_flops_per_image(model, cfg.model)
+        self.diffusion = build_diffusion(cfg.diffusion)
+        self.engine = build_engine(cfg, model, info.device, info)
+        self.stream = build_stream(cfg, self.micro_batch, rank=info.rank, world_size=info.world_size)
+        self.start = self._resume()
+        self.writer = MetricsWriter(self.out_dir, enabled=info.is_main)
+        self.timer = StepTimer()
 
-    writer = MetricsWriter(out_dir, enabled=info.is_main)
-    batches = iter(stream)
-    # The engine keeps CUDA weights channels_last (faster convolutions); inputs match them.
-    memory_format = torch.channels_last if info.device.type == "cuda" else torch.preserve_format
-    timer = StepTimer()
-    nonfinite, loss_value, step = 0, float("nan"), start
-    progress = _progress(info.is_main, start, cfg.train.total_steps)
-    try:
-        for step in range(start, cfg.train.total_steps):
-            torch.manual_seed(step_seed(cfg.seed, step, info.rank))  # dropout
-            gen = torch.Generator(info.device).manual_seed(step_seed(cfg.seed, step, info.rank))
-            losses, ts = [], []
-            for micro in range(accum):
-                # Algorithm 1: x_0 ~ q(x_0), t ~ Uniform({1..T}), ε ~ N(0, I); gradient step on
-                # ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (t is 0-based here).
-                x0 = next(batches).to(info.device, non_blocking=True, memory_format=memory_format)
-                t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=gen, device=info.device)
-                noise = torch.randn(x0.shape, generator=gen, device=info.device)
-                last = micro == accum - 1
-                with contextlib.nullcontext() if last else engine.no_sync():
-                    with engine.autocast():
-                        per_example = diffusion.training_losses(engine.model, x0, t, noise)
-                    engine.backward(per_example.mean() / accum, sync=last)
-                losses.append(per_example.detach())
-                ts.append(t)
-            result = engine.step(learning_rate(cfg, step))
-            per_example, ts = torch.cat(losses), torch.cat(ts)
-            loss_value = distributed.all_reduce_mean(per_example.mean()).item()
-            nonfinite = nonfinite + 1 if (result.skipped or not math.isfinite(loss_value)) else 0
-            timer.tick(cfg.train.batch_size)
-            done = step + 1
-            progress.update(1)
-            if done % cfg.train.log_every == 0 or done == cfg.train.total_steps:
-                scalars = {"loss": loss_value, "grad_norm": result.grad_norm, "lr": learning_rate(cfg, step),
-                           "skipped_steps": float(result.skipped), **loss_by_quarter(per_example, ts, diffusion.num_timesteps),
-                           **timer.rates(info.world_size, flops, peak_flops(info.device)), **memory_gb(info.device),
-                           "data/skipped_samples": float(getattr(stream, "skipped", 0))}
-                writer.scalars(done, scalars)
-                progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{scalars['perf/images_per_s']:.0f}")
-            if nonfinite >= MAX_NONFINITE:
-                save_checkpoint(ckpt_dir, done, engine, {"data": stream.state_dict()}, cfg.train.keep_last, cfg)
-                raise NonFiniteLossError(f"{nonfinite} non-finite steps in a row at step {done}; saved a checkpoint. "
-                                         f"Lower optim.lr or use train.precision=bf16/fp32")
-            if done % cfg.train.sample_every == 0 or done == cfg.train.total_steps:
-                sample_grid(cfg, engine, diffusion, info.device, done, writer)
-            stop_now = distributed.any_flag(stop.signum is not None)
-            if done % cfg.train.ckpt_every == 0 or done == cfg.train.total_steps or stop_now:
-                save_checkpoint(ckpt_dir, done, engine, {"data": stream.state_dict()}, cfg.train.keep_last, cfg)
-            if stop_now:
-                log.info(f"stop requested (signal {stop.signum}): checkpoint at step {done} written, exiting")
-                return TrainResult(done, True, loss_value, stop.signum)
-        return TrainResult(cfg.train.total_steps, False, loss_value)
-    finally:
-        progress.close()
-        writer.close()
+    def _resume(self) -> int:
+        found = latest_checkpoint(self.ckpt_dir)
+        if found is None:
+            return 0
+        extra = load_checkpoint(found, self.engine, self.cfg)
+        self.stream.load_state_dict(extra["data"])
+        log.info(f"resumed from {found} at step {extra['step']}")
+        return extra["step"]
+
+    def train(self, stop: StopRequest) -> TrainResult:
+        cfg, info, total = self.cfg, self.info, self.cfg.train.total_steps
+        log.info(f"{cfg.engine} on {info.world_size} x {info.device.type}: global batch {cfg.train.batch_size} = "
+                 f"{info.world_size} ranks x {self.accum} micro-batches x {self.micro_batch}; "
+                 f"{self.num_parameters / 1e6:.2f}M parameters; steps {self.start} → {total}; output {self.out_dir}")
+        batches, nonfinite, loss = iter(self.stream), 0, float("nan")
+        progress = _progress(info.is_main, self.start, total)
+        try:
+            for step in range(self.start, total):
+                # Algorithm 1: one gradient step on L_simple (ddpm_dist/training/step.py).
+                gen = step_generator(cfg.seed, step, info.rank, info.device)
+                micro = draw_micro_batches(batches, self.accum, self.diffusion.num_timesteps, gen, self.engine)
+                out = train_step(self.engine, self.diffusion, micro, learning_rate(cfg, step))
+                loss = distributed.all_reduce_mean(out.losses.mean()).item()
+                nonfinite = nonfinite + 1 if (out.result.skipped or not math.isfinite(loss)) else 0
+                self.timer.tick(cfg.train.batch_size)
+                progress.update(1)
+                # Periodic actions after step `done`: log, guard, sample, checkpoint, stop.
+                done = step + 1
+                if _every(done, cfg.train.log_every, total):
+                    self.log(done, out, loss, progress)
+                if nonfinite >= MAX_NONFINITE:
+                    self.checkpoint(done)
+                    raise NonFiniteLossError(f"{nonfinite} non-finite steps in a row at step {done}; saved a "
+                                             f"checkpoint. Lower optim.lr or use train.precision=bf16/fp32")
+                if _every(done, cfg.train.sample_every, total):
+                    self.sample_grid(done)
+                stop_now = distributed.any_flag(stop.signum is not None)
+                if _every(done, cfg.train.ckpt_every, total) or stop_now:
+                    self.checkpoint(done)
+                if stop_now:
+                    log.info(f"stop requested (signal {stop.signum}): checkpoint at step {done} written, exiting")
+                    return TrainResult(done, True, loss, stop.signum)
+            return TrainResult(total, False, loss)
+        finally:
+            progress.close()
+            self.writer.close()
+
+    def log(self, done: int, out: StepOutput, loss: float, progress) -> None:
+        cfg, info = self.cfg, self.info
+        scalars = {"loss": loss, "grad_norm": out.result.grad_norm, "lr": learning_rate(cfg, done - 1),
+                   "skipped_steps": float(out.result.skipped),
+                   **loss_by_quarter(out.losses, out.t, self.diffusion.num_timesteps),
+                   **self.timer.rates(info.world_size, self.flops, peak_flops(info.device)),
+                   **memory_gb(info.device), "data/skipped_samples": float(getattr(self.stream, "skipped", 0))}
+        self.writer.scalars(done, scalars)
+        progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{scalars['perf/images_per_s']:.0f}")
+
+    def checkpoint(self, done: int) -> None:
+        save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
+                        self.cfg.train.keep_last, self.cfg)
+
+    def sample_grid(self, done: int) -> None:
+        """EMA samples from a fixed seed; every rank computes (sharded models need all of them),
+        rank 0 writes the grid."""
+        cfg, device = self.cfg, self.info.device
+        shape = (cfg.train.num_samples, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
+        gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, Purpose.SAMPLE_GRID))
+        with self.engine.ema_weights(), self.engine.autocast():
+            x = self.diffusion.p_sample_loop(self.engine.model, shape, generator=gen, device=device,
+                                             progress=self.writer.enabled)
+        grid = make_grid(to_uint8(x).cpu())
+        self.writer.image(done, "samples/ema", grid)
+        if self.writer.enabled:
+            (self.out_dir / "samples").mkdir(exist_ok=True)
+            save_png(grid, self.out_dir / "samples" / f"step_{done:08d}.png")
+
+
+def _every(done: int, interval: int, total: int) -> bool:
+    """Periodic actions run every `interval` steps and after the last one."""
+    return done % interval == 0 or done == total
 
 
 def _progress(enabled: bool, start: int, total: int):

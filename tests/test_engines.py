@@ -4,19 +4,20 @@ EMA stays shard-local under FSDP2; a 2-rank DCP checkpoint loads on 1 rank; fp16
 skips the step on every rank."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ddpm_dist.config import Config, ModelConfig
+from ddpm_dist.config import Config, DiffusionConfig, ModelConfig
 from ddpm_dist.distributed import free_port, init_distributed, teardown
+from ddpm_dist.modelio.factory import build_diffusion
 from ddpm_dist.training.engines import build_engine
+from ddpm_dist.training.step import train_step
 from ddpm_dist.unet import UNet
 
 SMALL = ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
@@ -47,17 +48,13 @@ def new_engine(cfg: Config, info):
 
 
 def train(engine, rank: int, world: int, accum: int) -> list:
-    """Each rank takes its contiguous share of the global batch, split into `accum` micro-batches."""
+    """Each rank takes its contiguous share of the global batch, split into `accum` micro-batches,
+    through the training step train.py runs."""
+    diffusion = build_diffusion(DiffusionConfig())
     results = []
     for x, t, noise in batches():
         parts = [a.chunk(world)[rank].chunk(accum) for a in (x, t, noise)]
-        for i, (xm, tm, nm) in enumerate(zip(*parts)):
-            last = i == accum - 1
-            with contextlib.nullcontext() if last else engine.no_sync():
-                with engine.autocast():
-                    out = engine.model(xm, tm)
-                engine.backward(F.mse_loss(out.float(), nm) / accum, sync=last)
-        results.append(engine.step(LR))
+        results.append(train_step(engine, diffusion, list(zip(*parts)), LR).result)
     return results
 
 
@@ -107,7 +104,7 @@ def fsdp_checks(engine, out_dir: str) -> dict:
     ema = engine.ema.state_dict()
     shard = ema["conv_in.weight"]
     assert isinstance(shard, DTensor) and shard.to_local().shape[0] == shard.shape[0] // 2
-    dcp.save(engine.state_dict(), checkpoint_id=os.path.join(out_dir, "ckpt"))
+    engine.save(Path(out_dir) / "ckpt")
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([5, 500])
     with torch.no_grad(), engine.ema_weights():
         ema_out = engine.model(x, t)
@@ -159,9 +156,7 @@ def test_fsdp_matches_single_process_and_reshards_to_one_rank(tmp_path):
     # Load the 2-rank checkpoint into a 1-process engine: same weights, EMA and EMA outputs.
     model, ema = got[2]["model"], got[2]["ema"]
     engine = new_engine(make_cfg("single"), init_distributed("cpu"))
-    state = engine.state_dict()
-    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
-    engine.load_state_dict(state)
+    engine.load(tmp_path / "ckpt")
     assert_same(dict(engine.module.state_dict()), model, "loaded model", exact=True)
     assert_same(engine.full_ema_state_dict(), ema, "loaded ema", exact=True)
     assert engine.optimizer.state, "Adam moments come back too"

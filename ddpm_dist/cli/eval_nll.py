@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ddpm_dist.launch import ranks as launcher
 
 MODULE = "ddpm_dist.cli.eval_nll"  # what each rank runs
 from ddpm_dist.config import ConfigError
+from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.metrics.stats import all_reduce_sum
 from ddpm_dist.modelio.source import ModelSourceError, add_model_arguments, load_for_evaluation
 from ddpm_dist.samplers import sample_generators
@@ -110,9 +110,7 @@ def main(argv=None) -> int:
     if result is not None:
         print(f"bits/dim: {result['bits_per_dim']:.6f} ({result['num_images']} images)")
         if args.out:
-            tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, args.out)
+            atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from ddpm_dist.launch import ranks as launcher
 
 MODULE = "ddpm_dist.cli.fid_sample"  # what each rank runs
 from ddpm_dist.config import ConfigError
+from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.modelio.source import ModelSourceError, add_model_arguments, load_for_evaluation
 from ddpm_dist.evaluation.generate import SampleJob, StreamingScore, generate, weights_sha256
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace
@@ -119,12 +119,6 @@ def preflight(args) -> None:
             raise FileNotFoundError(f"{flag} {path} does not exist")
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -140,7 +134,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, ConfigError, ModelSourceError, RuntimeError) as err:
         sys.exit(f"fid_sample.py: error: {err}")
     if result is not None:
-        write_json(Path(args.out) / "result.json", result)
+        atomic_write(Path(args.out) / "result.json", json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     return 0
 

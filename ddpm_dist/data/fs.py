@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 
 import fsspec
+
+from ddpm_dist.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,8 @@ def write_bytes(url: str, data: bytes, *, endpoint: str | None = None) -> None:
     if url.startswith("s3://"):
         fs.pipe_file(path, data)  # an S3 PUT is atomic: readers see the old object or the new
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, data)
 
 
 def exists(url: str, *, endpoint: str | None = None) -> bool:

@@ -5,6 +5,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ddpm_dist.utils.seeds import Purpose, derive_seed
+
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] → float32 [-1, 1] (the paper scales data linearly to [-1, 1])."""
@@ -30,12 +32,12 @@ class MemoryStream:
         self.epoch, self.batch = 0, 0
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, Purpose.EPOCH_ORDER))
         perm = torch.randperm(len(self.images), generator=g)
         return perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
 
     def _flips(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 65_537 + self.rank) % 2**63)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, Purpose.FLIPS))
         return torch.rand(self.batches_per_epoch * self.batch_size, generator=g) < 0.5
 
     def __iter__(self) -> Iterator[torch.Tensor]:

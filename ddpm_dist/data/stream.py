@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ddpm_dist.data import fs
 from ddpm_dist.data.shards import centre_crop_resize, load_index, read_images, sha256
+from ddpm_dist.utils.seeds import numpy_rng
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Plan:
         return max(1, total // self.streams // self.batch_size)
 
     def rng(self, *key: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, *key])
+        return numpy_rng(self.seed, *key)
 
     def shard_at(self, epoch: int, stream: int, position: int) -> int:
         """The shard a stream reads at a position: its own ones, then seeded resamples."""

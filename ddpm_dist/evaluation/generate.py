@@ -11,7 +11,6 @@ all-reduced (nothing is gathered) and rank 0 writes FID / IS to the result JSON.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from ddpm_dist.distributed import DistInfo, barrier
 from ddpm_dist.images import save_png, to_uint8
 from ddpm_dist.samplers import Sampler, sample_generators
+from ddpm_dist.utils.files import atomic_path, is_temp_file
 
 
 @dataclass
@@ -57,7 +57,8 @@ def missing_indices(out: str | Path, n: int) -> list[int]:
 def remove_partial_files(out: str | Path) -> None:
     """Temp files of a killed run (`.000123.png.tmp<pid>`); no writer is running now."""
     for tmp in Path(out).glob("*/.*.png.tmp*"):
-        tmp.unlink(missing_ok=True)
+        if is_temp_file(tmp):
+            tmp.unlink(missing_ok=True)
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -106,10 +107,8 @@ def merge_npz(out: str | Path, n: int) -> Path:
     for i in range(n):
         arr[i] = load_png(sample_path(out, i)).permute(1, 2, 0).numpy()
     path = npz_path(out, n, h, w)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temp name
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, arr_0=arr)
-    os.replace(tmp, path)
     return path
 
 

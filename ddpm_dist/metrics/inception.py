@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -268,15 +267,10 @@ def _download(url: str, dest: Path, timeout_s: float = 60.0) -> None:
     """Fetch to a temporary file, check the hash, then rename: no half file is ever cached."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as src:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as src:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
         if not digest.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
             raise OSError(f"checksum mismatch for {url}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -6,7 +6,6 @@ values, loaded with `weights_only=True`). Neither format can run code when loade
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from ddpm_dist.config import Config, ConfigError, DiffusionConfig, ModelConfig, 
 from ddpm_dist.diffusion import GaussianDiffusion
 from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.unet import UNet
+from ddpm_dist.utils.files import atomic_path
 
 FORMAT = "ddpm-dist/1"
 
@@ -25,15 +25,14 @@ def save_model_file(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: 
     settings = {"format": FORMAT, "model": config_to_dict(cfg)["model"],
                 "diffusion": config_to_dict(cfg)["diffusion"]}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(tensors, str(tmp), metadata={"ddpm_dist": json.dumps(settings)})
-    elif path.suffix == ".pt":
-        torch.save({"settings": json.dumps(settings), "state_dict": tensors}, tmp)
-    else:
+    if path.suffix not in (".safetensors", ".pt"):
         raise ValueError(f"{path}: model files end in .safetensors or .pt")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(tensors, str(tmp), metadata={"ddpm_dist": json.dumps(settings)})
+        else:
+            torch.save({"settings": json.dumps(settings), "state_dict": tensors}, tmp)
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, DiffusionConfig]:

@@ -1,11 +1,12 @@
-"""Training checkpoints with torch.distributed.checkpoint (DCP): sharded, atomic, resharding.
+"""Training checkpoint folders: named by step, published atomically, rotated, checked.
 
-Layout: `<out_dir>/checkpoints/step_00005000/` holds the DCP files of the engine (model, EMA,
-optimizer, loss scaler) and one `rank<r>.json` per rank (the data-stream position). Every rank
-writes into `step_N.partial/`; after a barrier rank 0 renames it to `step_N/`. A rename is atomic,
-so a checkpoint directory either is complete or does not exist: a run killed mid-write leaves a
-`.partial` folder that resume ignores. Random state needs no saving: every step seeds its own
-generators from (seed, step, rank), so it is a function of the step number.
+Layout: `<out_dir>/checkpoints/step_00005000/` holds the engine's state as the engine writes it
+(`Engine.save`: DCP shards for single/ddp/fsdp, which load on any world size; DeepSpeed's own
+format under `deepspeed/`), one `rank<r>.json` per rank (the data-stream position) and the run's
+`config.yaml`. Every rank writes into `step_N.partial/`; after a barrier rank 0 renames it to
+`step_N/`. A rename is atomic, so a checkpoint folder either is complete or does not exist: a run
+killed mid-write leaves a `.partial` folder that resume ignores. Random state needs no saving:
+every step seeds its own generators from (seed, step, rank), so it is a function of the step.
 """
 from __future__ import annotations
 
@@ -16,15 +17,14 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 
 from ddpm_dist.config import Config, ConfigError, config_to_dict, load_config, save_config
 from ddpm_dist.distributed import barrier
+from ddpm_dist.training.engines import Engine, checkpoint_format
+from ddpm_dist.utils.files import atomic_write, fsync_dir
 from ddpm_dist.utils.logs import log
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-DEEPSPEED_TAG = "deepspeed"
 
 
 class CheckpointError(RuntimeError):
@@ -53,14 +53,7 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def checkpoint_step(path: str | Path) -> int:
-    match = _STEP_DIR.match(Path(path).name)
-    if not match:
-        raise CheckpointError(f"{path} is not a checkpoint folder (expected a name like step_00005000)")
-    return int(match.group(1))
-
-
-def save_checkpoint(ckpt_dir: str | Path, step: int, engine, extra: dict, keep_last: int, cfg: Config) -> Path:
+def save_checkpoint(ckpt_dir: str | Path, step: int, engine: Engine, extra: dict, keep_last: int, cfg: Config) -> Path:
     """Collective: every rank calls it. `extra` is this rank's JSON-able state (data position);
     the run's config is stored beside the weights so the checkpoint describes itself."""
     ckpt_dir = Path(ckpt_dir)
@@ -70,10 +63,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, engine, extra: dict, keep_l
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing
     barrier()
-    if hasattr(engine, "save_native"):  # DeepSpeed: its own format, resumable on the same world size
-        engine.save_native(str(partial), DEEPSPEED_TAG)
-    else:
-        dcp.save({"engine": engine.state_dict()}, checkpoint_id=str(partial))
+    engine.save(partial)
     _write_json(partial / f"rank{_rank()}.json", {"step": step, "world_size": _world_size(), **extra})
     if _rank() == 0:
         save_config(cfg, partial / "config.yaml")
@@ -82,7 +72,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, engine, extra: dict, keep_l
         if final.exists():  # the same step saved again (a stop request right after a save)
             shutil.rmtree(final)
         os.replace(partial, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info(f"saved checkpoint {final}")
@@ -98,17 +88,22 @@ def checkpoint_config(path: str | Path) -> Config:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _load_dcp(path: Path, engine) -> None:
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(f"{path} is not a complete DCP checkpoint (no .metadata); "
-                              f"pick another from {path.parent}")
-    state = {"engine": engine.state_dict()}
+def _load_engine(path: Path, engine: Engine) -> None:
+    written_by = checkpoint_format(path)
+    if written_by != engine.checkpoint_format:
+        engines = "engine=deepspeed" if written_by == "deepspeed" else "engine=single, ddp or fsdp"
+        raise CheckpointError(f"{path} was written in {written_by} format; resume it with {engines}")
     try:
-        dcp.load(state, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:  # DCP's is a BaseException with per-rank traces
+        engine.load(path)
+    except FileNotFoundError as e:  # a file the format needs is missing
+        name = {"dcp": "DCP", "deepspeed": "DeepSpeed"}[written_by]
+        raise CheckpointError(f"{path} is not a complete {name} checkpoint ({e}); "
+                              f"pick another from {path.parent}") from None
+    except BaseException as e:  # DCP's CheckpointException is a BaseException with per-rank traces
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         raise CheckpointError(f"{path} does not fit this model/optimizer ({_first_line(e)}); was it "
                               f"written with another config? Compare with {path / 'config.yaml'}") from None
-    engine.load_state_dict(state["engine"])
 
 
 def _check_same_model(path: Path, cfg: Config) -> None:
@@ -121,18 +116,13 @@ def _check_same_model(path: Path, cfg: Config) -> None:
                                       f"{current[section][key]}: use the checkpoint's config or another out_dir")
 
 
-def load_checkpoint(path: str | Path, engine, cfg: Config | None = None) -> dict:
+def load_checkpoint(path: str | Path, engine: Engine, cfg: Config | None = None) -> dict:
     """Load engine state (resharding to this world size) and return this rank's extra state.
     With `cfg`, first check that the checkpoint holds the same model."""
     path = Path(path)
     if cfg is not None:
         _check_same_model(path, cfg)
-    if (path / DEEPSPEED_TAG).is_dir():
-        if not hasattr(engine, "load_native"):
-            raise CheckpointError(f"{path} was written by engine=deepspeed; resume it with engine=deepspeed")
-        engine.load_native(str(path), DEEPSPEED_TAG)
-    else:
-        _load_dcp(path, engine)
+    _load_engine(path, engine)
     own = path / f"rank{_rank()}.json"
     extra = _read_json(own if own.is_file() else path / "rank0.json")
     if extra.get("world_size") != _world_size():
@@ -152,9 +142,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data))
 
 
 def _read_json(path: Path) -> dict:
@@ -163,10 +151,3 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

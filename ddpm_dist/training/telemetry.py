@@ -1,7 +1,11 @@
-"""Numbers for the dashboard: throughput, MFU from a FLOP count of the model, memory, loss by t."""
+"""What a run reports: TensorBoard scalars and images plus a JSONL copy (`metrics.jsonl`, read by
+scripts and tests without TensorBoard), and the numbers behind them: throughput, MFU from a
+FLOP count of the model, memory, loss by quarter of t."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,3 +75,36 @@ def loss_by_quarter(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -
         if mask.any():
             out[f"loss_q{q}"] = losses[mask].float().mean().item()
     return out
+
+
+class MetricsWriter:
+    """TensorBoard + JSONL on rank 0; a no-op elsewhere. Import of tensorboard is deferred so the
+    core does not need it."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir = Path(out_dir)
+        self.tb = SummaryWriter(str(self.out_dir / "tb"))
+        self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.tb.add_scalar(name, value, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def image(self, step: int, name: str, grid: torch.Tensor) -> None:
+        """grid: uint8 [3, H, W]."""
+        if self.enabled:
+            self.tb.add_image(name, grid, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()

@@ -1,0 +1,1 @@
+"""Small helpers every layer uses: atomic files, seed derivation, log lines."""

@@ -1,13 +1,8 @@
-"""Rank-prefixed log lines and the run's metrics: TensorBoard scalars/images plus a JSONL copy
-(`metrics.jsonl`) that scripts and tests read without TensorBoard."""
+"""Rank-prefixed log lines: `12:00:01 [rank 0] message` on stderr."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from pathlib import Path
-
-import torch
 
 log = logging.getLogger("ddpm_dist")
 
@@ -20,36 +15,3 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
     log.setLevel(level if rank == 0 else logging.WARNING)
     log.propagate = False
     return log
-
-
-class MetricsWriter:
-    """TensorBoard + JSONL on rank 0; a no-op elsewhere. Import of tensorboard is deferred so the
-    core does not need it."""
-
-    def __init__(self, out_dir: str | Path, enabled: bool):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.out_dir = Path(out_dir)
-        self.tb = SummaryWriter(str(self.out_dir / "tb"))
-        self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for name, value in values.items():
-            self.tb.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-
-    def image(self, step: int, name: str, grid: torch.Tensor) -> None:
-        """grid: uint8 [3, H, W]."""
-        if self.enabled:
-            self.tb.add_image(name, grid, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
-            self.jsonl.close()

@@ -7,9 +7,9 @@ from torch import nn
 
 from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
-from .base import DynamicLossScaler, Engine, StepResult, apply_block_options
+from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format
 
-__all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_split"]
+__all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_split", "checkpoint_format"]
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:

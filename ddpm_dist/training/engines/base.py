@@ -1,28 +1,29 @@
 """The interface every engine keeps, and the pieces they share (loss scaling, block options).
 
-The training loop sees only this:
-
-    for i, (x, t) in enumerate(micro_batches):           # n micro-batches per optimizer step
-        last = i == n - 1
-        with (contextlib.nullcontext() if last else engine.no_sync()):
-            with engine.autocast():
-                loss = losses(engine.model, x, t).mean() / n   # the caller divides by n
-            engine.backward(loss, sync=last)
-    result = engine.step(lr)                               # clip, Adam, zero grads, EMA
+`ddpm_dist.training.step.train_step` is the one user of the step methods: per micro-batch
+`no_sync` (all but the last), `autocast`, `backward`; then `step(lr)` (clip, Adam, zero grads,
+EMA). Checkpoints go through `save(folder)` / `load(folder)`: each engine writes and reads its
+own state in its own format (DCP for the torch engines, DeepSpeed's for DeepSpeed);
+`ddpm_dist.training.checkpoint` only names, publishes and rotates the folders.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ContextManager
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ddpm_dist.training.ema import EMA
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEEPSPEED_TAG = "deepspeed"  # the sub-folder DeepSpeed's own checkpoint format lives in
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,25 @@ class StepResult:
     skipped: bool     # True when gradients were non-finite and the parameters did not move
 
 
+def checkpoint_format(folder: Path) -> str:
+    """Which engine family wrote a checkpoint folder: "deepspeed" or "dcp"."""
+    return "deepspeed" if (Path(folder) / DEEPSPEED_TAG).is_dir() else "dcp"
+
+
 class Engine:
     """A wrapped model + Adam + EMA (+ loss scaler). Subclasses fill in the methods."""
 
     model: nn.Module   # call as engine.model(x, t) for training forward passes
     module: nn.Module  # the plain UNet inside (for names; its weights may be sharded)
+    ema: EMA
+    device: torch.device
+    checkpoint_format: str  # what `save` writes: "dcp" or "deepspeed"
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of the weights, and so of the inputs: channels_last on CUDA (faster
+        convolutions on tensor cores)."""
+        return torch.channels_last if self.device.type == "cuda" else torch.preserve_format
 
     def autocast(self) -> ContextManager:
         raise NotImplementedError
@@ -55,14 +70,27 @@ class Engine:
         zero the gradients, update the EMA."""
         raise NotImplementedError
 
-    def ema_weights(self) -> ContextManager:
+    def local_params(self) -> list[torch.Tensor]:
+        """What this rank holds of each parameter, in the EMA's order."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
         """Inside: engine.model computes with the EMA weights, in eval mode (no dropout)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with self.ema.swap_into(self.local_params()):
+                yield
+        finally:
+            self.module.train(was_training)
+
+    def save(self, folder: Path) -> None:
+        """Collective: write model, optimizer, EMA and scaler state into `folder`."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict) -> None:
+    def load(self, folder: Path) -> None:
+        """Collective: read what `save` wrote (any exception means it does not fit)."""
         raise NotImplementedError
 
     def full_ema_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -129,6 +157,8 @@ def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, com
                         device: torch.device, precision: str) -> None:
     """Per-Block activation checkpointing and torch.compile, in place so parameter names (and so
     checkpoints) stay those of the plain UNet. Call before sharding."""
+    if not (activation_checkpointing or compile):
+        return
     if compile:
         guard_cpu_compile(device, precision)
     for block in model.blocks():
@@ -139,7 +169,8 @@ def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, com
 
 
 def guard_cpu_compile(device: torch.device, precision: str) -> None:
-    """Inductor's AVX-512/AMX CPU code corrupts bf16/fp16 gradients (NaN, ~1e38; STACK-NOTES).
+    """Inductor's AVX-512/AMX CPU code gave NaN or ~1e38 bf16/fp16 gradients for this U-Net on
+    CPUs with those units (torch 2.x), while AVX2 code and eager mode were correct.
     Force 256-bit (AVX2) vector code for low precision on CPU rather than train on garbage."""
     if device.type != "cpu" or precision == "fp32":
         return

@@ -2,13 +2,13 @@
 
 DeepSpeed owns the optimizer, clipping and the fp16 loss scaler; we keep the EMA beside its
 parameters: whole tensors under ZeRO-1/2, each rank's flat partition (`ds_tensor`) under ZeRO-3.
-Its checkpoints are its own format, which does not reshard without `ds_to_universal.py`
-(STACK-NOTES), so this engine saves with `save_native`/`load_native` instead of DCP.
+Its checkpoints are DeepSpeed's own format (in a `deepspeed/` sub-folder), which resumes only on
+the same world size: DeepSpeed reshards them only after an offline `ds_to_universal.py` pass.
 """
 from __future__ import annotations
 
-import contextlib
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ from torch import nn
 from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.training.ema import EMA
-from .base import Engine, StepResult, autocast_context
+from .base import DEEPSPEED_TAG, Engine, StepResult, autocast_context
 
 INSTALL_HINT = "engine=deepspeed needs `pip install ddpm-dist[deepspeed]`"
 
@@ -36,7 +36,7 @@ def ds_config(cfg: Config, micro_batch: int, accum_steps: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum_steps,
-        # torch_adam: DeepSpeed's fused Adam is a 2.5-minute JIT build on CPU (STACK-NOTES).
+        # torch_adam: DeepSpeed's fused Adam is a minutes-long JIT build on a 2-core CPU.
         "optimizer": {"type": "Adam", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
                                                  "weight_decay": 0.0, "torch_adam": True,
                                                  "adam_w_mode": False}},
@@ -61,6 +61,8 @@ def check_supported(cfg: Config) -> None:
 
 
 class DeepSpeedEngine(Engine):
+    checkpoint_format = "deepspeed"
+
     def __init__(self, cfg: Config, module: nn.Module, device: torch.device, info: DistInfo,
                  micro_batch: int, accum_steps: int):
         deepspeed = import_deepspeed()
@@ -72,9 +74,9 @@ class DeepSpeedEngine(Engine):
             config=ds_config(cfg, micro_batch, accum_steps))
         self.names, params = zip(*module.named_parameters())
         self.params = list(params)
-        self.ema = EMA(self._local(), cfg.train.ema_decay, names=self.names)
+        self.ema = EMA(self.local_params(), cfg.train.ema_decay, names=self.names)
 
-    def _local(self) -> list[torch.Tensor]:
+    def local_params(self) -> list[torch.Tensor]:
         """What this rank holds of each parameter: its ZeRO-3 partition, else the tensor."""
         return [getattr(p, "ds_tensor", p) for p in self.params]
 
@@ -99,34 +101,19 @@ class DeepSpeedEngine(Engine):
         # non-finite norm is reported as not skipped; the loop's NaN guard stops the run.
         skipped = self.model.skipped_steps > skipped_before
         if not skipped:
-            self.ema.update(self._local())
+            self.ema.update(self.local_params())
         return StepResult(grad_norm=norm, skipped=skipped)
 
-    @contextlib.contextmanager
-    def ema_weights(self):
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self.ema.swap_into(self._local()):
-                yield
-        finally:
-            self.module.train(was_training)
-
-    def state_dict(self) -> dict:
-        raise NotImplementedError("engine=deepspeed checkpoints in DeepSpeed's own format: use "
-                                  "engine.save_native(dir, tag) / engine.load_native(dir, tag)")
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state_dict()
-
-    def save_native(self, directory: str, tag: str) -> None:
+    def save(self, folder: Path) -> None:
         """DeepSpeed's checkpoint plus one EMA file per rank (ZeRO-3 EMA is partitioned)."""
-        self.model.save_checkpoint(directory, tag=tag)
-        torch.save(self.ema.state_dict(), os.path.join(directory, tag, f"ema_rank{self.info.rank}.pt"))
+        self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        torch.save(self.ema.state_dict(), os.path.join(folder, DEEPSPEED_TAG, f"ema_rank{self.info.rank}.pt"))
 
-    def load_native(self, directory: str, tag: str) -> None:
-        self.model.load_checkpoint(directory, tag=tag)
-        path = os.path.join(directory, tag, f"ema_rank{self.info.rank}.pt")
+    def load(self, folder: Path) -> None:
+        loaded, _ = self.model.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        if loaded is None:  # DeepSpeed logs a warning and returns None instead of raising
+            raise FileNotFoundError(f"nothing DeepSpeed can load in {DEEPSPEED_TAG}/")
+        path = os.path.join(folder, DEEPSPEED_TAG, f"ema_rank{self.info.rank}.pt")
         self.ema.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def full_ema_state_dict(self) -> dict[str, torch.Tensor] | None:

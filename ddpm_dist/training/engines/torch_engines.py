@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.state_dict as dcp_sd
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -27,6 +29,8 @@ def make_adam(cfg: Config, params: list[nn.Parameter], device: torch.device) -> 
 
 class TorchEngine(Engine):
     """single: `model` is the module itself; subclasses wrap it."""
+
+    checkpoint_format = "dcp"
 
     def __init__(self, cfg: Config, module: nn.Module, device: torch.device, info: DistInfo):
         self.cfg, self.module, self.device, self.info = cfg, module, device, info
@@ -70,15 +74,20 @@ class TorchEngine(Engine):
             self.ema.update(self.params)
         return StepResult(grad_norm=norm, skipped=not finite)
 
-    @contextlib.contextmanager
-    def ema_weights(self):
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self.ema.swap_into(self.params):
-                yield
-        finally:
-            self.module.train(was_training)
+    def local_params(self) -> list[torch.Tensor]:
+        return list(self.params)  # the EMA takes DTensor shards' local parts itself
+
+    def save(self, folder: Path) -> None:
+        """DCP: every rank writes its shards; any world size can load them."""
+        dcp.save({"engine": self.state_dict()}, checkpoint_id=str(folder))
+
+    def load(self, folder: Path) -> None:
+        """DCP loads into this engine's tensors in place, resharding to this world size."""
+        if not (Path(folder) / ".metadata").is_file():
+            raise FileNotFoundError("no .metadata")
+        state = {"engine": self.state_dict()}
+        dcp.load(state, checkpoint_id=str(folder))
+        self.load_state_dict(state["engine"])
 
     def state_dict(self) -> dict:
         """Model and Adam via DCP's state_dict API (reshardable), EMA keyed like the model."""

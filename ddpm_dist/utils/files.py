@@ -1,0 +1,63 @@
+"""Files that are either complete or absent.
+
+Every file the project writes for later use (configs, checkpoints' JSON, model files, sample
+PNGs, result JSON, downloads) goes through `atomic_path`: write under a temp name beside the
+target, fsync it, rename it over the target, fsync the folder. A reader, or a run killed at any
+moment, sees the old file or the new one, never half of one. Temp names are
+`.<name>.tmp<pid>`, so a cleaner can find what a killed writer left (`is_temp_file`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp\d+$")
+
+
+def temp_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def is_temp_file(path: str | Path) -> bool:
+    """True for a temp file of `atomic_path` (possibly left by a killed writer)."""
+    return bool(_TEMP_NAME.match(Path(path).name))
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (the folder entry, not only the file data)."""
+    fsync_file(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` for a writer that wants a file name (PIL, safetensors,
+    torch.save, numpy). When the block ends the file is fsynced and renamed over `path`; when it
+    raises, the temp file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write `data` (str as UTF-8) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
