@@ -126,5 +126,5 @@ def register_webdataset_s3(endpoint: str | None = None) -> None:
     try:
         import webdataset
     except ImportError:
-        raise ImportError("webdataset is not installed: pip install 'ddpm-dist[webdataset]'") from None
+        raise ImportError("webdataset is not installed (the 'webdataset' extra)") from None
     webdataset.gopen_schemes["s3"] = functools.partial(_gopen_s3, endpoint=endpoint)
