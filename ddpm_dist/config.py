@@ -51,7 +51,6 @@ class DataConfig:
     source: str = "digits"
     flip: bool = True
     num_workers: int = 0
-    shuffle_buffer: int = 1000
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL from the environment
     retries: int = 5
     retry_wait: float = 1.0  # first backoff (s), doubled per retry up to 30 s: 5 retries ≈ 31 s
@@ -96,6 +95,19 @@ class Config:
     out_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"
+
+
+# Keys that configs no longer have but config.yaml files saved with earlier runs and
+# checkpoints still hold; loading drops them, so those runs still resume and export.
+RETIRED_KEYS = ("data.shuffle_buffer",)
+
+
+def _drop_retired(data: dict) -> None:
+    for key in RETIRED_KEYS:
+        section, _, name = key.rpartition(".")
+        node = data.get(section) if section else data
+        if isinstance(node, dict):
+            node.pop(name, None)
 
 
 # Allowed values of the string-valued settings; validated after loading.
@@ -216,6 +228,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML{where}") from None
     for item in overrides:
         _set_override(data, item)
+    _drop_retired(data)
     return validate(build_section(Config, data))
 
 

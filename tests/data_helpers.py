@@ -41,3 +41,14 @@ def stream_for(url, *, batch=4, rank=0, world=1, workers=0, flip=False, res=8, s
 def keys(x: torch.Tensor) -> list[bytes]:
     """Each image of a [-1, 1] batch as its uint8 pixel bytes."""
     return [((im + 1) * 127.5).round().to(torch.uint8).numpy().tobytes() for im in x]
+
+
+def webdataset_samples(source: str) -> list[tuple[str, str, bytes]]:
+    """(key, source id, RGB pixel bytes) of every sample, read by the webdataset library as
+    the README shows it."""
+    import webdataset as wds
+
+    from ddpm_dist.data import webdataset_urls
+
+    ds = wds.WebDataset(webdataset_urls(source), shardshuffle=False).decode("rgb8", only=["png"])
+    return [(s["__key__"], s["id"].decode(), s["png"].tobytes()) for s in ds]

@@ -47,6 +47,14 @@ def test_saved_config_reloads_identically(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+
+def test_retired_keys_in_older_run_configs_are_ignored(tmp_path):
+    # the config.yaml of runs and checkpoints written while DataConfig had shuffle_buffer
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  flip: false\n  shuffle_buffer: 1000\n")
+    assert load_config(old) == load_config(None, ["data.flip=false"])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.totl_steps=5"], "unknown key train.totl_steps; allowed keys under train: batch_size"),
     (["engine=fdsp"], "engine: 'fdsp' is not one of single, ddp, fsdp, deepspeed"),

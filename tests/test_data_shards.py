@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_helpers import webdataset_samples
 from ddpm_dist.data.shards import read_images, safe_member_name, tar_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +109,33 @@ def test_tar_members_have_fixed_metadata():
     info = tarfile.open(fileobj=io.BytesIO(tar_bytes([("k.png", b"x")]))).getmembers()[0]
     assert (info.mtime, info.uname, info.mode) == (0, "", 0o644)
     assert os.path.basename(info.name) == "k.png"
+
+
+def unique_image_folder(root: Path, n: int) -> dict[str, bytes]:
+    """n distinct 8² PNGs in two subfolders; {id as FolderSource names it: RGB pixel bytes}."""
+    pixels = np.random.default_rng(1).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    images = {}
+    for i, im in enumerate(pixels):
+        sid = f"{'ab'[i % 2]}/img{i}.png"  # path ids: webdataset would read a bare `.id` as an int
+        (root / sid).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(root / sid)
+        images[sid] = im.tobytes()
+    return images
+
+
+def test_webdataset_reads_every_sample_of_local_shards(tmp_path):
+    images = unique_image_folder(tmp_path / "imgs", 20)
+    out = tmp_path / "out"
+    r = make_shards("--source", "folder", "--input", str(tmp_path / "imgs"), "--out", str(out),
+                    "--max-samples", "7", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    samples = webdataset_samples(str(out))  # 3 shards
+    assert [key for key, _, _ in samples] == [f"{i:09d}" for i in range(20)]
+    assert {sid: pixels for _, sid, pixels in samples} == images
+
+
+def test_importing_the_data_modules_does_not_import_webdataset():
+    code = ("import sys, ddpm_dist.data.fs, ddpm_dist.data.stream, ddpm_dist.data.convert; "
+            "assert 'webdataset' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

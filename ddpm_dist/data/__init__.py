@@ -21,3 +21,19 @@ def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int
 
     return open_shard_stream(cfg.data.source, batch_size=batch_size, resolution=cfg.model.resolution,
                              rank=rank, world_size=world_size, seed=cfg.seed, data_cfg=cfg.data)
+
+
+def webdataset_urls(source: str, *, endpoint: str | None = None) -> list[str]:
+    """The URLs of the shards that `source`/index.json lists, for `webdataset.WebDataset(urls)`.
+
+    `source` is a folder or s3:// prefix written by tools/make_shards.py; for s3:// this also
+    registers our s3:// opener with webdataset (fs.register_webdataset_s3).
+    """
+    from ddpm_dist.data import fs
+    from ddpm_dist.data.shards import load_index
+
+    index_url = fs.join(source, "index.json")
+    index = load_index(fs.read_bytes(index_url, endpoint=endpoint, check=True), source)
+    if source.startswith("s3://"):
+        fs.register_webdataset_s3(endpoint)
+    return [fs.join(source, shard["name"]) for shard in index["shards"]]

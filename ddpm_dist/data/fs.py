@@ -13,6 +13,7 @@ Two failure policies:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -106,18 +107,21 @@ def exists(url: str, *, endpoint: str | None = None) -> bool:
     return fs.exists(path)
 
 
-def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
-    """webdataset has no s3:// handler; this one goes through fsspec (endpoint from the env)."""
-    return fsspec.open(url, mode).open()
+def _gopen_s3(url, mode="rb", bufsize=8192, *, endpoint=None, **kw):
+    """webdataset's opener for s3:// URLs: fsspec with the timeouts and endpoint of `filesystem`."""
+    fs, path = filesystem(url, endpoint)
+    return fs.open(path, mode)
 
 
-def register_webdataset_s3() -> None:
-    """Done at import, so loader workers (which import this module) have it as well."""
+def register_webdataset_s3(endpoint: str | None = None) -> None:
+    """Let webdataset open s3:// URLs (it has no opener of its own) through fsspec.
+
+    The opener is registered in this process only: loader workers started by fork inherit it,
+    workers started by spawn or forkserver must call this again. A later call replaces the
+    endpoint; None means AWS_ENDPOINT_URL from the environment.
+    """
     try:
         import webdataset
     except ImportError:
-        return
-    webdataset.gopen_schemes.setdefault("s3", _gopen_s3)
-
-
-register_webdataset_s3()
+        raise ImportError("webdataset is not installed (the 'webdataset' extra)") from None
+    webdataset.gopen_schemes["s3"] = functools.partial(_gopen_s3, endpoint=endpoint)

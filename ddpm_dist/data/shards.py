@@ -1,9 +1,12 @@
 """WebDataset tar shards: encoding images, packing and writing shards, reading them back safely.
 
 A shard is a plain tar of `{key}.{png|jpg|webp}` (+ `{key}.id`, the source's id) members, the
-WebDataset convention, so any WebDataset reader can consume it. `index.json` beside the shards
-lists every shard's name, sample count, size and sha256, the resolution and the parameters that
-made them; readers trust it for counts, and make_shards trusts it to skip verified shards.
+WebDataset convention, so any WebDataset reader can consume it. The id is text (a path for
+folder sources), while webdataset's default decoders read a `.id` member as an integer: with
+webdataset, decode only the image (`.decode("rgb8", only=["png"])`). `index.json` beside the
+shards lists every shard's name, sample count, size and sha256, the resolution and the
+parameters that made them; readers trust it for counts, and make_shards trusts it to skip
+verified shards.
 Tars are written deterministically (fixed mtime/owner), so the same input gives the same bytes.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ shards), so a position is just two integers per stream:
   yields the same number of batches and no rank waits at an epoch end.
 - A shard is read whole (retried as a unit on I/O errors, checksummed against index.json)
   and its samples are visited in a permutation seeded by (seed, e, s, position) - a full
-  in-shard shuffle, so `shuffle_buffer` is not needed here. Flips use the same generator.
+  in-shard shuffle, with no shuffle buffer. Flips use the same generator.
 - A stream's cursor is (shard position, slot in the permutation). Loader workers send it with
   each batch; the stream keeps the latest per worker, so state_dict() is exact even though
   workers prefetch. DataLoader takes workers round-robin, which makes the batch order a
