@@ -10,6 +10,17 @@ from ddpm_dist.config import ModelConfig
 from ddpm_dist.modelio.diffusers_format import unet_config
 
 
+class DiffusersAdapter(torch.nn.Module):
+    """diffusers' UNet2DModel called like ours: model(x, t) → ε."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
 def diffusers_unet(cfg: ModelConfig):
     """diffusers' UNet2DModel with our layout, built from the config our exporter writes (the
     google/ddpm-* checkpoints use the same layout)."""

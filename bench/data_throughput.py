@@ -18,7 +18,6 @@ import argparse
 import itertools
 import os
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -27,14 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_dist.config import Config  # noqa: E402
-from ddpm_dist.data import build_stream, fs  # noqa: E402
-from ddpm_dist.data.convert import make_shards  # noqa: E402
-from ddpm_dist.data.digits import load_digits_images  # noqa: E402
-from ddpm_dist.data.shards import read_images  # noqa: E402
-from ddpm_dist.data.stream import decode, put_model_range  # noqa: E402
+from ddpm_dist.config import Config
+from ddpm_dist.data import build_stream, fs
+from ddpm_dist.data.convert import make_shards
+from ddpm_dist.data.digits import load_digits_images
+from ddpm_dist.data.shards import read_images
+from ddpm_dist.data.stream import decode, put_model_range
 
 CASES = {"32² PNG": (32, "png", 2000), "256² JPEG": (256, "jpg", 600)}
 

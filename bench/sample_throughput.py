@@ -15,18 +15,16 @@ H200: CIFAR-10 ≤ 35 min).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpm_dist.config import load_config  # noqa: E402
-from ddpm_dist.modelio.factory import build_diffusion, build_model  # noqa: E402
-from ddpm_dist.samplers import Sampler, sample_generators  # noqa: E402
-from ddpm_dist.unet import count_parameters  # noqa: E402
-from bench_utils import diffusers_unet, time_median  # noqa: E402
+from ddpm_dist.config import load_config
+from ddpm_dist.modelio.factory import build_diffusion, build_model
+from ddpm_dist.samplers import Sampler, sample_generators
+from ddpm_dist.unet import count_parameters
+from bench_utils import diffusers_unet, time_median
 
 ROOT = Path(__file__).resolve().parents[1]
 

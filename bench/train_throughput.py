@@ -3,56 +3,57 @@
 same topology, measured in the same run.
 
     python bench/train_throughput.py [--models cifar10 celebahq] [--batch-size 128 64] [--steps 5]
-                                     [--repeats 5] [--device cuda] [--bf16] [--compile] [--channels-last]
+                                     [--repeats 5] [--device cuda] [--bf16] [--compile]
 
-One training step = L_simple forward + backward + Adam (fused on CUDA, foreach elsewhere) + EMA
-lerp, on random data (speed does not depend on the pixels). Both networks get the same batch,
-precision, memory format and optimizer. Each figure is the median of --repeats timed runs of
+Both networks run the training step train.py runs (`ddpm_dist.training.step`): a `single`
+engine (Adam, clipping at 1.0, loss scaler, EMA; channels_last weights on CUDA), t and ε drawn
+per step, L_simple forward + backward, on a fixed batch (speed does not depend on the pixels).
+`--bf16` is train.precision=bf16, `--compile` is train.compile=true (per-block compile for ours,
+the whole UNet2DModel for diffusers). Each figure is the median of --repeats timed runs of
 --steps steps, timed in turns with the peer after a warm-up run; the ratio column is ours /
 diffusers.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_utils import diffusers_unet, interleaved_medians  # noqa: E402
-from ddpm_dist.config import load_config  # noqa: E402
-from ddpm_dist.modelio.factory import build_diffusion, build_model  # noqa: E402
-from ddpm_dist.training.telemetry import model_flops_per_image, peak_flops  # noqa: E402
-from ddpm_dist.unet import count_parameters  # noqa: E402
+from bench_utils import DiffusersAdapter, diffusers_unet, interleaved_medians
+from ddpm_dist.config import load_config
+from ddpm_dist.distributed import DistInfo
+from ddpm_dist.modelio.factory import build_diffusion, build_model
+from ddpm_dist.training.engines import build_engine
+from ddpm_dist.training.step import draw_micro_batches, step_generator, train_step
+from ddpm_dist.training.telemetry import model_flops_per_image, peak_flops
+from ddpm_dist.unet import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_fn(net, call, cfg, batch: int, args, device):
-    """A closure running --steps training steps of `net` called as call(net, x, t)."""
+def step_fn(net, cfg, batch: int, args, device):
+    """A closure running --steps training steps of `net` exactly as train.py's loop does."""
+    train_cfg = dataclasses.replace(cfg.train, batch_size=batch, micro_batch_size=None,
+                                    precision="bf16" if args.bf16 else "fp32",
+                                    compile=args.compile and not isinstance(net, DiffusersAdapter))
+    cfg = dataclasses.replace(cfg, engine="single", train=train_cfg)
+    if args.compile and isinstance(net, DiffusersAdapter):
+        net.unet.compile()
+    engine = build_engine(cfg, net, device, DistInfo(0, 1, 0, device, True))
     diffusion = build_diffusion(cfg.diffusion)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    net = net.to(device, memory_format=fmt).train()
-    if args.compile:
-        net = torch.compile(net)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    ema = [p.detach().clone() for p in net.parameters()]
     shape = (batch, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-    x0 = torch.randn(shape, device=device).clamp(-1, 1).to(memory_format=fmt)
-    model = lambda x, t: call(net, x, t)  # noqa: E731
+    batches = itertools.repeat(torch.randn(shape).clamp(-1, 1))
+    step = itertools.count()
 
     def run():
         for _ in range(args.steps):
-            t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = diffusion.training_losses(model, x0, t).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()], 1 - 0.9999)
+            gen = step_generator(cfg.seed, next(step), 0, device)
+            micro = draw_micro_batches(batches, 1, diffusion.num_timesteps, gen, engine)
+            train_step(engine, diffusion, micro, cfg.optim.lr)
     return run
 
 
@@ -60,17 +61,17 @@ def measure(name: str, batch: int, args, device) -> list[str]:
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     ours = build_model(cfg.model)
     flops = model_flops_per_image(ours, cfg.model)
-    nets = {"ddpm-dist": (ours, lambda n, x, t: n(x, t))}
+    nets = {"ddpm-dist": ours}
     try:
-        nets["diffusers"] = (diffusers_unet(cfg.model), lambda n, x, t: n(x, t).sample)
+        nets["diffusers"] = DiffusersAdapter(diffusers_unet(cfg.model))
     except ImportError:
         print("diffusers is not installed: pip install 'ddpm-dist[bench]'", file=sys.stderr)
-    fns = {label: step_fn(net, call, cfg, batch, args, device) for label, (net, call) in nets.items()}
+    fns = {label: step_fn(net, cfg, batch, args, device) for label, net in nets.items()}
     seconds = interleaved_medians(fns, args.repeats, device)
     rates = {label: batch * args.steps / s for label, s in seconds.items()}
     peak = peak_flops(device)
     rows = []
-    for label, (net, _) in nets.items():
+    for label, net in nets.items():
         mfu = f"{rates[label] * flops / peak:.1%}" if peak else "n/a"
         rows.append(f"| {name} | {label} | {count_parameters(net) / 1e6:.2f}M | {batch} | {rates[label]:,.1f} | {mfu} |")
     if len(rates) == 2:
@@ -87,12 +88,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
     batches = args.batch_size or [128 if m == "cifar10" else 64 for m in args.models]
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"bf16={args.bf16} compile={args.compile} channels_last={args.channels_last}, "
+          f"bf16={args.bf16} compile={args.compile}, "
           f"median of {args.repeats} x {args.steps} steps")
     print("| model | implementation | params | batch | images/s | MFU |\n| --- | --- | --- | --- | --- | --- |")
     for name, batch in zip(args.models, batches):

@@ -6,7 +6,6 @@ resumed must end with exactly the weights of an uninterrupted run.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_dist.modelio.model_file import export_checkpoint, read_model_file
+from ddpm_dist.modelio.model_file import read_model_file
+from ddpm_dist.modelio.source import export_checkpoint
 
 pytestmark = pytest.mark.slurm
 
@@ -146,16 +146,9 @@ def test_sbatch_preempted_job_requeues_and_matches_uninterrupted_run(slurm_clust
     assert_resumed_like_reference(run_dir, reference_run, tmp_path, log)
 
 
-def load_submit():
-    spec = importlib.util.spec_from_file_location("launch_submit", REPO / "launch" / "submit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_submitit_job_preempted_requeues_and_matches_uninterrupted_run(slurm_cluster, reference_run, tmp_path,
                                                                         monkeypatch):
-    submit = load_submit()
+    from ddpm_dist.cli import submit  # what launch/submit.py and ddpm-submit run
     for key, value in job_vars(slurm_cluster).items():  # submitit's sbatch passes our env on
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # submit() extends it
@@ -200,7 +193,7 @@ def test_bad_partition_fails_at_submit_time(slurm_cluster, tmp_path):
     proc = subprocess.run(["sbatch", "--partition=no_such_partition", *CPU_JOB, f"--output={tmp_path}/job.log",
                            "launch/train_lsun.sh"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and "invalid partition" in proc.stderr.lower(), proc.stderr
-    submit = load_submit()
+    from ddpm_dist.cli import submit  # what launch/submit.py and ddpm-submit run
     args = submit.parse_args(["--config", "configs/demo_digits.yaml", "--partition", "no_such_partition",
                               "--gpus-per-node", "0", "--folder", str(tmp_path / "submitit")])
     with pytest.raises(Exception, match="(?i)invalid partition"):
@@ -208,5 +201,6 @@ def test_bad_partition_fails_at_submit_time(slurm_cluster, tmp_path):
 
 
 def test_submit_bad_config_fails_at_submit_time(tmp_path, capsys):
-    code = load_submit().main(["--config", "configs/demo_digits.yaml", "--folder", str(tmp_path), "model.ch=abc"])
+    from ddpm_dist.cli import submit
+    code = submit.main(["--config", "configs/demo_digits.yaml", "--folder", str(tmp_path), "model.ch=abc"])
     assert code == 2 and "error: model.ch: expected int" in capsys.readouterr().err

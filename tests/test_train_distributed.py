@@ -8,7 +8,8 @@ import sys
 import torch
 
 from ddpm_dist.distributed import free_port
-from ddpm_dist.modelio.model_file import export_checkpoint, read_model_file
+from ddpm_dist.modelio.model_file import read_model_file
+from ddpm_dist.modelio.source import export_checkpoint
 from test_train import ROOT, TINY, losses, wait_for_step
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 
 from ddpm_dist.modelio.diffusers_format import ConversionError, export_diffusers, import_diffusers

@@ -18,21 +18,19 @@ import torch
 from tqdm import tqdm
 
 from ddpm_dist import distributed
-from ddpm_dist.launch import ranks as launcher
-
-MODULE = "ddpm_dist.cli.eval_nll"  # what each rank runs
-from ddpm_dist.config import ConfigError
+from ddpm_dist.launch.ranks import add_launch_arguments
+from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.metrics.stats import all_reduce_sum
-from ddpm_dist.modelio.source import ModelSourceError, add_model_arguments, load_for_evaluation
+from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
 from ddpm_dist.samplers import sample_generators
-from ddpm_dist.evaluation.generate import weights_sha256
+from ddpm_dist.modelio.model_file import weights_sha256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(p)
-    launcher.add_launch_arguments(p)
+    add_launch_arguments(p)
     p.add_argument("--data", default="digits", help="'digits' (embedded), an image folder or an .npz (arr_0)")
     p.add_argument("--num-images", type=int, default=None, help="first N images (default: all)")
     p.add_argument("--out", help="result JSON (default: print only)")
@@ -93,25 +91,22 @@ def run_rank(args) -> dict | None:
         distributed.teardown()
 
 
+def preflight(args) -> None:
+    load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
+
+
+def finish(args, result: dict) -> None:
+    print(f"bits/dim: {result['bits_per_dim']:.6f} ({result['num_images']} images)")
+    if args.out:
+        atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+
+
+TOOL = RankedTool(name="eval_nll.py", module="ddpm_dist.cli.eval_nll", preflight=preflight, run_rank=run_rank,
+                  finish=finish, slurm_folder=lambda args: Path(args.out).parent / "slurm" if args.out else Path("slurm_logs"))
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if launcher.needs_launch(args.world_size):
-            load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)  # fail once, here
-            if args.launcher == "slurm":
-                folder = Path(args.out).parent / "slurm" if args.out else Path("slurm_logs")
-                return launcher.run_slurm(MODULE, argv, args.world_size, gpus_per_node=args.gpus_per_node,
-                                          folder=folder)
-            return launcher.run_local(MODULE, argv, args.world_size)
-        result = run_rank(args)
-    except (FileNotFoundError, ValueError, ConfigError, ModelSourceError) as err:
-        sys.exit(f"eval_nll.py: error: {err}")
-    if result is not None:
-        print(f"bits/dim: {result['bits_per_dim']:.6f} ({result['num_images']} images)")
-        if args.out:
-            atomic_write(args.out, json.dumps(result, indent=2) + "\n")
-    return 0
+    return run_tool(TOOL, parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,10 @@
 """
 import argparse
 import sys
-from pathlib import Path
 
 
 from ddpm_dist.config import ConfigError
-from ddpm_dist.modelio.model_file import export_checkpoint
+from ddpm_dist.modelio.source import export_checkpoint
 
 
 def main() -> int:

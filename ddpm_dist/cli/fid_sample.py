@@ -22,20 +22,20 @@ from pathlib import Path
 
 
 from ddpm_dist import distributed
-from ddpm_dist.launch import ranks as launcher
-
-MODULE = "ddpm_dist.cli.fid_sample"  # what each rank runs
-from ddpm_dist.config import ConfigError
+from ddpm_dist.launch.ranks import add_launch_arguments
+from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
-from ddpm_dist.modelio.source import ModelSourceError, add_model_arguments, load_for_evaluation
-from ddpm_dist.evaluation.generate import SampleJob, StreamingScore, generate, weights_sha256
+from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
+from ddpm_dist.evaluation.generate import SampleJob, generate
+from ddpm_dist.metrics.evaluate import InceptionStatistics
+from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(p)
-    launcher.add_launch_arguments(p)
+    add_launch_arguments(p)
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -49,8 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score", action="store_true", help="Inception Score (and FID with --ref-stats)")
     p.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid Inception state dict")
     p.add_argument("--ref-stats", metavar="NPZ", help="reference mu/sigma (tools/fid_stats.py)")
-    p.add_argument("--partition", help="slurm launcher")
-    p.add_argument("--timeout-min", type=int, default=24 * 60, help="slurm launcher")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.world_size < 1 or args.batch_size < 1 or args.seeds < 1:
         p.error("--num-samples, --world-size, --batch-size and --seeds must be positive")
@@ -100,7 +98,7 @@ def run_rank(args) -> dict | None:
             out = Path(args.out) if args.seeds == 1 else Path(args.out) / f"seed_{seed}"
             job = SampleJob(str(out), args.num_samples, seed, args.batch_size, args.sampler, args.steps,
                             args.eta, args.bf16)
-            score = StreamingScore(inception, args.num_samples, info.device) if args.score else None
+            score = InceptionStatistics(inception, args.num_samples, info.device, splits=10) if args.score else None
             run = {"seed": seed, "out": str(out), "world_size": info.world_size, **generate(job, sampler, info, score)}
             if score is not None and info.is_main:
                 run.update(score.result(out, ref))
@@ -119,24 +117,17 @@ def preflight(args) -> None:
             raise FileNotFoundError(f"{flag} {path} does not exist")
 
 
+def finish(args, result: dict) -> None:
+    atomic_write(Path(args.out) / "result.json", json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+
+
+TOOL = RankedTool(name="fid_sample.py", module="ddpm_dist.cli.fid_sample", preflight=preflight, run_rank=run_rank,
+                  finish=finish, slurm_folder=lambda args: Path(args.out) / "slurm")
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if launcher.needs_launch(args.world_size):
-            preflight(args)  # one error line here, not one per rank
-            if args.launcher == "slurm":
-                return launcher.run_slurm(MODULE, argv, args.world_size, gpus_per_node=args.gpus_per_node,
-                                          folder=Path(args.out) / "slurm", partition=args.partition,
-                                          timeout_min=args.timeout_min)
-            return launcher.run_local(MODULE, argv, args.world_size)
-        result = run_rank(args)
-    except (FileNotFoundError, ValueError, ConfigError, ModelSourceError, RuntimeError) as err:
-        sys.exit(f"fid_sample.py: error: {err}")
-    if result is not None:
-        atomic_write(Path(args.out) / "result.json", json.dumps(result, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-    return 0
+    return run_tool(TOOL, parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 from ddpm_dist.metrics.evaluate import add_inception_arguments, inception_statistics

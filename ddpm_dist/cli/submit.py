@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.launch.ranks import package_env
+from ddpm_dist.launch.slurm import JobResources, make_executor
 
 
 def _int_list(text: str) -> list[int]:
@@ -61,26 +62,14 @@ def job_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return jobs
 
 
-def make_executor(args: argparse.Namespace):
-    """One task per GPU; --requeue lets Slurm requeue a preempted job under the same id, so it
-    finds its pickle, log folder and out_dir again. USR2 comes --signal-delay s before the limit."""
-    import submitit  # optional: only this launcher needs it
-    executor = submitit.AutoExecutor(folder=args.folder, cluster="local" if args.local else None,
-                                     slurm_max_num_timeout=args.max_requeues)
-    tasks = args.tasks_per_node or max(1, args.gpus_per_node)
-    params = dict(nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
-                  timeout_min=args.time, name="ddpm", slurm_signal_delay_s=args.signal_delay,
-                  slurm_additional_parameters={"requeue": True},
-                  # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch
-                  slurm_srun_args=[f"--cpus-per-task={args.cpus_per_task}"])
-    if args.gpus_per_node:
-        params["gpus_per_node"] = args.gpus_per_node
-    if args.partition:
-        params["slurm_partition"] = args.partition
-    if args.account:
-        params["slurm_account"] = args.account
-    executor.update_parameters(**params)
-    return executor
+def make_job_executor(args: argparse.Namespace):
+    """One task per GPU (one per node without GPUs unless --tasks-per-node), requeued on
+    preemption, USR2 --signal-delay s before the time limit."""
+    res = JobResources(nodes=args.nodes, tasks_per_node=args.tasks_per_node or max(1, args.gpus_per_node),
+                       gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                       timeout_min=args.time, partition=args.partition, account=args.account)
+    return make_executor(args.folder, res, local=args.local, requeue=True,
+                         signal_delay_s=args.signal_delay, max_requeues=args.max_requeues)
 
 
 def submit(args: argparse.Namespace) -> list:
@@ -92,7 +81,7 @@ def submit(args: argparse.Namespace) -> list:
     # each rank a thread pool of its own CPUs, or ranks sharing a node oversubscribe it.
     os.environ.update(package_env())
     os.environ.setdefault("OMP_NUM_THREADS", str(args.cpus_per_task))
-    executor = make_executor(args)
+    executor = make_job_executor(args)
     with executor.batch():
         jobs = [executor.submit(TrainJob(config, overrides)) for config, overrides in commands]
     for job, (config, overrides) in zip(jobs, commands):

@@ -5,24 +5,23 @@ images do not depend on the world size, the batch size or which samples a rerun 
 is written atomically as `DIR/{i - i % 1000:06d}/{i:06d}.png`; a rerun keeps the finished
 ones and splits only the missing indices over the ranks (strided, so work stays even). At the
 end rank 0 merges an ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order).
-Optionally each rank streams Inception statistics of its samples; the float64 sums are
-all-reduced (nothing is gathered) and rank 0 writes FID / IS to the result JSON.
+Optionally each rank streams Inception statistics of its samples (`InceptionStatistics`); the
+float64 sums are all-reduced (nothing is gathered) and rank 0 writes FID / IS to the result JSON.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 from ddpm_dist.distributed import DistInfo, barrier
 from ddpm_dist.images import save_png, to_uint8
+from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.samplers import Sampler, sample_generators
 from ddpm_dist.utils.files import atomic_path, is_temp_file
 
@@ -59,17 +58,6 @@ def remove_partial_files(out: str | Path) -> None:
     for tmp in Path(out).glob("*/.*.png.tmp*"):
         if is_temp_file(tmp):
             tmp.unlink(missing_ok=True)
-
-
-def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """Hash of the sampled weights (names, shapes, float32 bytes): the same for a .pt, a
-    .safetensors file or a checkpoint folder holding the same EMA weights."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(t.shape)};".encode())
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def load_png(path: Path) -> torch.Tensor:
@@ -112,54 +100,20 @@ def merge_npz(out: str | Path, n: int) -> Path:
     return path
 
 
-class StreamingScore:
-    """Inception FID and IS statistics of samples as they are made; float64 sums per rank."""
-
-    def __init__(self, inception, num_samples: int, device, splits: int = 10):
-        from ddpm_dist.metrics.inception import FEATURE_DIM, NUM_LOGITS
-        from ddpm_dist.metrics.inception_score import InceptionScoreStats
-        from ddpm_dist.metrics.stats import FeatureStats
-        self.inception, self.num_samples, self.device, self.splits = inception, num_samples, device, splits
-        self.fid = FeatureStats(FEATURE_DIM, device=device)
-        self.inception_score = InceptionScoreStats(NUM_LOGITS, splits, device=device)
-
-    @torch.no_grad()
-    def update(self, indices: list[int], images: torch.Tensor) -> None:
-        """uint8 samples, exactly as saved: the score is that of the PNGs."""
-        from ddpm_dist.metrics.inception_score import split_of
-        features, logits = self.inception(rgb(images).to(self.device).float() / 255)
-        self.fid.update(features)
-        self.inception_score.update(logits, split_of(torch.tensor(indices), self.num_samples, self.splits))
-
-    def all_reduce(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self.fid.all_reduce()
-            self.inception_score.all_reduce()
-
-    def result(self, out_dir: str | Path, ref_stats: tuple[np.ndarray, np.ndarray] | None) -> dict:
-        """IS, FID against `ref_stats`, and the samples' mu/sigma saved as `inception_stats.npz`
-        (pytorch-fid format: tools/fid.py can score them against other references later)."""
-        from ddpm_dist.metrics.fid import frechet_distance
-        from ddpm_dist.metrics.stats import save_stats
-        is_mean, is_std = self.inception_score.score()
-        mu, sigma = self.fid.mean_cov()
-        save_stats(Path(out_dir) / "inception_stats.npz", mu, sigma)
-        out = {"inception_score": is_mean, "inception_score_std": is_std, "fid": None,
-               "stats": str(Path(out_dir) / "inception_stats.npz")}
-        if ref_stats is not None:
-            out["fid"] = frechet_distance(mu, sigma, *ref_stats)
-        return out
-
-
 def _batches(items: list[int], size: int):
     for k in range(0, len(items), size):
         yield items[k:k + size]
 
 
-def _score_finished(score: StreamingScore, job: SampleJob, indices: list[int]) -> None:
+def _score(score: InceptionStatistics, indices: list[int], images: torch.Tensor) -> None:
+    """uint8 samples, exactly as saved: the score is that of the PNGs."""
+    score.update(rgb(images).float() / 255, torch.tensor(indices))
+
+
+def _score_finished(score: InceptionStatistics, job: SampleJob, indices: list[int]) -> None:
     """Samples a previous run finished count too: read back their PNGs."""
     for batch in _batches(indices, job.batch_size):
-        score.update(batch, torch.stack([load_png(sample_path(job.out, i)) for i in batch]))
+        _score(score, batch, torch.stack([load_png(sample_path(job.out, i)) for i in batch]))
 
 
 def _progress(total: int, info: DistInfo, desc: str):
@@ -168,7 +122,7 @@ def _progress(total: int, info: DistInfo, desc: str):
     return tqdm(total=total, unit="sample", desc=desc, disable=not info.is_main, dynamic_ncols=True)
 
 
-def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: StreamingScore | None = None) -> dict:
+def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: InceptionStatistics | None = None) -> dict:
     """Collective: every rank calls it. Writes the missing PNGs of `job`, then (rank 0) the npz;
     returns timing, and the reduced statistics stay in `score`."""
     if info.is_main:
@@ -183,7 +137,7 @@ def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: StreamingS
         images = generate_batch(sampler, batch, job.seed, rows, info.device)
         write_samples(job.out, batch, images)
         if score is not None:
-            score.update(batch, images)
+            _score(score, batch, images)
         bar.update(min(len(batch) * info.world_size, bar.total - bar.n))
     bar.close()
     seconds = time.perf_counter() - start

@@ -18,6 +18,7 @@ from pathlib import Path
 import ddpm_dist
 
 from ddpm_dist.distributed import detect_launch, free_port
+from ddpm_dist.launch.slurm import JobResources, make_executor
 
 
 def package_env(env: dict | None = None) -> dict:
@@ -76,24 +77,24 @@ def _wait_all(procs: list[subprocess.Popen]) -> int:
         time.sleep(0.2)
 
 
-def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: int,
-              folder: str | Path, partition: str | None = None, timeout_min: int = 24 * 60,
-              cpus_per_task: int = 8) -> int:
-    """A submitit job of W tasks over ceil(W / gpus_per_node) nodes, one GPU per task; each task
-    runs `python -m module argv` (srun sets SLURM_PROCID, which the script reads). Waits for the job."""
+def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: int, folder: str | Path,
+              partition: str | None = None, timeout_min: int = 24 * 60, cpus_per_task: int | None = None) -> int:
+    """A submitit job of W tasks, each running `python -m module argv` (srun sets SLURM_PROCID,
+    which the ranks read); waits for it. With GPUs: one GPU per task over ceil(W / gpus_per_node)
+    nodes. `gpus_per_node=0`: W CPU tasks on one node. CPUs per task default to 8 with GPUs, 1
+    without."""
     import submitit  # optional: only this launcher needs it
-    nodes = math.ceil(world_size / gpus_per_node)
-    per_node = min(world_size, gpus_per_node)
+    if gpus_per_node < 0 or world_size < 1:
+        raise ValueError(f"--gpus-per-node must be >= 0 and --world-size >= 1, got {gpus_per_node}, {world_size}")
+    per_node = min(world_size, gpus_per_node) if gpus_per_node else world_size
+    nodes = math.ceil(world_size / per_node)
     if nodes * per_node != world_size:
         raise ValueError(f"--world-size {world_size} must be at most --gpus-per-node {gpus_per_node} "
                          f"or a multiple of it (Slurm starts the same task count on every node)")
-    executor = submitit.AutoExecutor(folder=str(folder))
-    params = dict(nodes=nodes, tasks_per_node=per_node, cpus_per_task=cpus_per_task, timeout_min=timeout_min)
-    if gpus_per_node > 0:
-        params["gpus_per_node"] = per_node
-    if partition:
-        params["slurm_partition"] = partition
-    executor.update_parameters(**params)
+    res = JobResources(nodes=nodes, tasks_per_node=per_node, gpus_per_node=per_node if gpus_per_node else 0,
+                       cpus_per_task=cpus_per_task or (8 if gpus_per_node else 1), timeout_min=timeout_min,
+                       partition=partition, name="ddpm-eval")
+    executor = make_executor(folder, res)
     job = executor.submit(submitit.helpers.CommandFunction([sys.executable, "-m", module, *argv],
                                                            cwd=os.getcwd(), env=package_env()))
     print(f"submitted Slurm job {job.job_id}: {world_size} tasks on {nodes} node(s); logs in {folder}",
@@ -103,7 +104,10 @@ def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: i
 
 
 def add_launch_arguments(parser) -> None:
-    """--world-size / --launcher / --gpus-per-node, shared by the distributed tools."""
+    """How the distributed tools start their ranks."""
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="slurm launcher")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="slurm launcher; 0: CPU tasks")
+    parser.add_argument("--cpus-per-task", type=int, default=None, help="slurm launcher; default 8 with GPUs, 1 without")
+    parser.add_argument("--partition", help="slurm launcher")
+    parser.add_argument("--timeout-min", type=int, default=24 * 60, help="slurm launcher")

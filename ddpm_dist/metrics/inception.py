@@ -10,13 +10,14 @@ The TF graph differs from torchvision's Inception in three places, kept here:
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.request
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ddpm_dist.utils.files import atomic_path
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"

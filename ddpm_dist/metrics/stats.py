@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ddpm_dist.utils.files import atomic_path
+
 
 def all_reduce_sum(tensors) -> None:
     """Sum each tensor over all ranks in place; a no-op outside a process group."""
@@ -51,7 +53,8 @@ class FeatureStats:
 
 def save_stats(path, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Reference statistics in pytorch-fid's .npz format (keys mu, sigma)."""
-    np.savez(path, mu=mu, sigma=sigma)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would add ".npz"
+        np.savez(f, mu=mu, sigma=sigma)
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray] | None:

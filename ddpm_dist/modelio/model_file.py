@@ -5,6 +5,7 @@ values, loaded with `weights_only=True`). Neither format can run code when loade
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -71,10 +72,12 @@ def load_model_file(path: str | Path) -> tuple[UNet, GaussianDiffusion]:
     return model.eval(), build_diffusion(diffusion_cfg)
 
 
-def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path) -> None:
-    """Write the EMA weights of a training checkpoint (or of a run's newest one) as a model file.
-    Runs in one process: DCP reshards whatever world size wrote the checkpoint."""
-    from ddpm_dist.modelio.source import load_checkpoint_ema
-
-    model, _, cfg = load_checkpoint_ema(Path(run_or_checkpoint), None)
-    save_model_file(out, model.state_dict(), cfg)
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of the sampled weights (names, shapes, float32 bytes): the same for a .pt, a
+    .safetensors file or a checkpoint folder holding the same EMA weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()

@@ -14,6 +14,7 @@ import torch
 from ddpm_dist.config import Config, ConfigError, load_config
 from ddpm_dist.diffusion import GaussianDiffusion
 from ddpm_dist.modelio.factory import build_diffusion, build_model
+from ddpm_dist.modelio.model_file import load_model_file, save_model_file
 from ddpm_dist.unet import UNet
 
 
@@ -84,9 +85,15 @@ def load_for_evaluation(ckpt: str | None, config_path: str | None = None, *,
     if path.is_dir():
         model, diffusion, _ = load_checkpoint_ema(path, config_path)
         return model, diffusion
-    from ddpm_dist.modelio.model_file import load_model_file
     return load_model_file(path)
 
+
+
+def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path) -> None:
+    """Write the EMA weights of a training checkpoint (or of a run's newest one) as a model file.
+    Runs in one process: DCP reshards whatever world size wrote the checkpoint."""
+    model, _, cfg = load_checkpoint_ema(Path(run_or_checkpoint), None)
+    save_model_file(out, model.state_dict(), cfg)
 
 
 def add_model_arguments(parser) -> None:
@@ -96,4 +103,5 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--random-init", action="store_true", help="untrained weights (smoke tests)")
 
 
-__all__ = ["ModelSourceError", "ConfigError", "add_model_arguments", "load_for_evaluation", "load_checkpoint_ema"]
+__all__ = ["ModelSourceError", "ConfigError", "add_model_arguments", "export_checkpoint", "load_for_evaluation",
+           "load_checkpoint_ema"]

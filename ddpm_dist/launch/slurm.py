@@ -1,0 +1,44 @@
+"""The one place a Slurm job's resources are turned into a submitit executor: training jobs
+(`ddpm-submit`, launch/submit.py) and evaluation ranks (`--launcher slurm`) both come here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class JobResources:
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0          # 0: CPU tasks, no GPU request
+    cpus_per_task: int = 1
+    timeout_min: int = 24 * 60
+    partition: str | None = None
+    account: str | None = None
+    name: str = "ddpm"
+
+
+def make_executor(folder: str | Path, res: JobResources, *, local: bool = False, requeue: bool = False,
+                  signal_delay_s: int | None = None, max_requeues: int | None = None):
+    """A submitit executor for `res`. `local` runs the tasks as processes here (no Slurm).
+    `requeue` lets Slurm requeue a preempted job under the same id, so it finds its pickle, log
+    folder and out_dir again; USR2 comes `signal_delay_s` seconds before the time limit."""
+    import submitit  # optional: only launching through Slurm/submitit needs it
+    options = {} if max_requeues is None else {"slurm_max_num_timeout": max_requeues}
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None, **options)
+    params = dict(nodes=res.nodes, tasks_per_node=res.tasks_per_node, cpus_per_task=res.cpus_per_task,
+                  timeout_min=res.timeout_min, name=res.name,
+                  # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch
+                  slurm_srun_args=[f"--cpus-per-task={res.cpus_per_task}"])
+    if requeue:
+        params["slurm_additional_parameters"] = {"requeue": True}
+    if signal_delay_s is not None:
+        params["slurm_signal_delay_s"] = signal_delay_s
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.partition:
+        params["slurm_partition"] = res.partition
+    if res.account:
+        params["slurm_account"] = res.account
+    executor.update_parameters(**params)
+    return executor
