@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import sys
 
-
 from ddpm_dist.modelio.diffusers_format import ConversionError, export_diffusers, import_diffusers
 
 

@@ -6,16 +6,15 @@
 import argparse
 import sys
 
-
 from ddpm_dist.config import ConfigError
 from ddpm_dist.modelio.source import export_checkpoint
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="a run folder (its newest checkpoint) or a checkpoint folder")
     parser.add_argument("--out", required=True, help="model file: .safetensors or .pt (weights only)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         export_checkpoint(args.source, args.out)
     except (ConfigError, ValueError) as e:  # ModelSourceError is a ValueError

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from ddpm_dist.metrics.evaluate import add_inception_arguments, fid_of_paths
 
 

@@ -20,7 +20,6 @@ import statistics
 import sys
 from pathlib import Path
 
-
 from ddpm_dist import distributed
 from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool

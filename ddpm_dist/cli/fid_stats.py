@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from ddpm_dist.metrics.evaluate import add_inception_arguments, inception_statistics
 from ddpm_dist.metrics.image_sources import open_images
 from ddpm_dist.metrics.inception import PIPELINE, load_inception

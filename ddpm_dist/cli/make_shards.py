@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 
-
 from ddpm_dist.data.convert import make_shards
 from ddpm_dist.data.fs import DataError
 from ddpm_dist.data.sources import open_source

@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-
 from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.launch.ranks import package_env
 from ddpm_dist.launch.slurm import JobResources, make_executor
