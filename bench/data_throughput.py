@@ -9,7 +9,7 @@ For 32² PNG and 256² JPEG shards, on local disk and on the local S3 server:
 - decode only: PIL decoding of in-memory sample bytes in one process (decode ceiling);
 - decode + to [-1, 1]: the same plus the float conversion every stream must do;
 - stream: ShardStream batches with N loader workers, reported per worker.
-Each number is the median of --repeats runs. The goal (issue 3): stream per worker ≥ 80% of
+Each number is the median of --repeats runs. The goal: stream per worker ≥ 80% of
 decode only, i.e. decoding, not our code, is the bottleneck.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ DDPM, DDIM η=0) it times `Sampler` (per-sample generators, the path of tools/fi
 PNG writing) and, if `diffusers` is importable, its pipeline on a UNet2DModel of the same layout
 (channels, blocks, attention resolutions; ≈ the same parameter count), same batch, same steps.
 Each number is the median of --repeats timed runs after one warm-up run. The 50k line projects
-the time of 50,000 samples at 1000 steps from the measured per-step rate (issue 6's goal on one
+the time of 50,000 samples at 1000 steps from the measured per-step rate (the goal on one
 H200: CIFAR-10 ≤ 35 min).
 """
 from __future__ import annotations

@@ -87,7 +87,7 @@ def small_pipeline(tmp_path_factory):
 
 
 def float64_tables(scheduler: DDPMScheduler) -> DDPMScheduler:
-    """The same scheduler with its β/ᾱ tables in float64, as ours are (DESIGN §3)."""
+    """The same scheduler with its β/ᾱ tables in float64, as ours are."""
     c = scheduler.config
     scheduler.betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
     scheduler.alphas_cumprod = torch.cumprod(1.0 - scheduler.betas, dim=0)
@@ -122,7 +122,7 @@ def test_one_reverse_step_equals_ddpm_scheduler_step(tmp_path, small_pipeline, v
 
 
 def test_fixed_large_variance_at_t0_differs_but_sampling_does_not():
-    """Ours takes σ²_0 = β̃_1 (the original code, DESIGN §3); diffusers takes β_0. Neither adds
+    """Ours takes σ²_0 = β̃_1 (the original code); diffusers takes β_0. Neither adds
     noise at t = 0, so samples agree; only our bits/dim decoder term uses σ_0."""
     from ddpm_dist.modelio.factory import build_diffusion
     ours = build_diffusion(cd.diffusion_config_from_scheduler({"variance_type": "fixed_large"}))

@@ -1,4 +1,4 @@
-"""Distributed sampling and evaluation (issue 6): world-size invariance, resume after SIGKILL,
+"""Distributed sampling and evaluation: world-size invariance, resume after SIGKILL,
 the merged npz, respacing and DDIM, bits/dim over ranks, the scored JSON result.
 
 The CLI tests run tools/fid_sample.py and tools/eval_nll.py as real processes (the local

@@ -1,7 +1,7 @@
 """FID between two image sets: `python tools/fid.py A B` prints `FID: <float>`.
 
 A and B are image folders, ADM-style sample .npz files (arr_0, uint8 NHWC) or statistics
-.npz files (mu, sigma, as written by tools/fid_stats.py). DESIGN.md §3.
+.npz files (mu, sigma, as written by tools/fid_stats.py).
 """
 from __future__ import annotations
 

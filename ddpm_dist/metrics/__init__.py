@@ -1,1 +1,2 @@
-"""Evaluation metrics: Inception features, FID, Inception Score (DESIGN §3)."""
+"""Evaluation metrics: Inception features (pytorch-fid's network and weights), FID, Inception
+Score, float64 statistics that all-reduce over ranks."""

@@ -24,7 +24,8 @@ WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 WEIGHTS_SHA256_PREFIX = "6726825d"  # the hash in the file name, as torch.hub checks it
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
-# Stated next to every number we report (DESIGN §5: FID differs between pipelines).
+# Stated next to every number we report: FID of the same images differs between pipelines
+# (resize filter, weights, precision) by more than the gaps between published models.
 PIPELINE = ("pytorch-fid: Inception 2015-12-05 pool3; bilinear resize to 299 "
             "(align_corners=False); [0,1]->[-1,1]; float64 statistics, ddof=1")
 

@@ -2,7 +2,8 @@
 
 The EMA lives beside whatever each rank holds of the parameters: whole tensors (single, DDP,
 ZeRO-1/2), FSDP2's DTensor shards, or ZeRO-3 partitions. It is updated elementwise, so no rank
-ever gathers the model per step (DESIGN.md §5); gathering happens only to export.
+ever gathers the model per step (a per-step gather would cost a full all-gather of the
+weights); gathering happens only to export.
 """
 from __future__ import annotations
 

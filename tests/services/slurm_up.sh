@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (copy of shared/services/slurm_up.sh; started by tests/slurm_fixtures.py or by CI first)
+# (started by tests/slurm_fixtures.py or by CI first)
 # slurm_up.sh - start a real single-node Slurm cluster on loopback for tests.
 #
 # Daemons: munged (private key + socket), optionally MariaDB + slurmdbd
