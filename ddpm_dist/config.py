@@ -82,6 +82,13 @@ class TrainConfig:
     num_samples: int = 64
     ckpt_every: int = 5_000
     keep_last: int = 3
+    # A collective that waits longer than this (s) fails on every live rank: a dead or stopped
+    # rank ends the job instead of hanging it. It must exceed the longest legitimate wait (a
+    # checkpoint write, the first compiled step).
+    collective_timeout: float = 600.0
+    # No finished step for this long (s) dumps every thread's stack and exits with status 6;
+    # 0 turns the watchdog off.
+    hang_timeout: float = 1800.0
 
 
 @dataclass
@@ -210,6 +217,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.train.collective_timeout <= 0:
+        raise ConfigError(f"train.collective_timeout: must be positive (seconds), got {cfg.train.collective_timeout}")
+    if cfg.train.hang_timeout < 0:
+        raise ConfigError(f"train.hang_timeout: must be >= 0 (seconds, 0 = off), got {cfg.train.hang_timeout}")
     return cfg
 
 

@@ -5,11 +5,13 @@ NCCL on GPU or gloo on CPU. Nothing here knows about models; engines and the loo
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
 import socket
 import subprocess
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +124,14 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto", *, always_group: bool = False) -> DistInfo:
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def init_distributed(device: str = "auto", *, always_group: bool = False,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Start the process group the launcher asked for. A single process gets no group unless
-    `always_group` (engines ddp/fsdp/deepspeed need one, even with one rank)."""
+    `always_group` (engines ddp/fsdp/deepspeed need one, even with one rank). A collective that
+    waits more than `timeout_s` raises on every live rank (`is_collective_failure`)."""
     launch = detect_launch()
     dev = _pick_device(device, launch.local_rank)
     needs_group = launch.world_size > 1 or always_group or launch.source != "single"
@@ -134,9 +141,26 @@ def init_distributed(device: str = "auto", *, always_group: bool = False) -> Dis
         os.environ["MASTER_PORT"] = str(port)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method="env://", rank=launch.rank,
-                                world_size=launch.world_size,
+                                world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(launch.rank, launch.world_size, launch.local_rank, dev, launch.rank == 0)
+
+
+_BACKEND_MESSAGE = re.compile(r"gloo|nccl|ProcessGroup|c10d", re.IGNORECASE)
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """True when `err` comes from a collective: a peer rank died (connection reset) or hung
+    (timeout). The cause is in that rank's log, not in this rank's traceback. Raised either in
+    torch.distributed's Python code or, for DDP's gradient all-reduce, from the C++ backend
+    inside backward (then only the backend's message says so)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    if not isinstance(err, RuntimeError):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    inside = bool(frames) and f"torch{os.sep}distributed{os.sep}" in frames[-1].filename
+    return inside or bool(_BACKEND_MESSAGE.search(str(err).split("\n", 1)[0]))
 
 
 def teardown() -> None:

@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=8 -m ddpm_dist.train --config configs/cifar10.yaml engine=fsdp
 
 Resumes by itself from the newest complete checkpoint in `<out_dir>/checkpoints/`.
+Exit status: 0 finished; 2 a config, data or checkpoint error (one `error:` line); 3 stopped on a
+signal with a complete checkpoint; 6 a rank died or hung (collective timeout or watchdog).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpm_dist.training.engines import batch_split, build_engine
 from ddpm_dist.training.step import StepOutput, draw_micro_batches, step_generator, train_step
+from ddpm_dist.training.watchdog import FAULT_EXIT_STATUS, Watchdog
 from ddpm_dist.training.telemetry import (MetricsWriter, StepTimer, loss_by_quarter, memory_gb,
                                           model_flops_per_image, peak_flops)
 from ddpm_dist.utils.logs import log, setup_logging
@@ -44,16 +47,20 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 @dataclass
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1/SIGUSR2 (Slurm preemption or time limit); acted on at a step boundary
-    after all ranks agree, never inside the handler."""
+    """Set by SIGTERM/SIGINT/SIGUSR1/SIGUSR2 (Slurm preemption or time limit, Ctrl-C); acted on
+    at a step boundary after all ranks agree, never inside the handler. A second SIGTERM or
+    SIGINT ends the process at once (someone does not want to wait for the checkpoint)."""
     signum: int | None = None
     previous: dict = field(default_factory=dict)
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)  # die of this signal now, as without us
+            signal.raise_signal(signum)
         self.signum = signum
 
     def uninstall(self) -> None:
@@ -75,7 +82,8 @@ def train(cfg: Config) -> TrainResult:
     stop = StopRequest()
     stop.install()
     try:
-        info = distributed.init_distributed(cfg.device, always_group=cfg.engine != "single")
+        info = distributed.init_distributed(cfg.device, always_group=cfg.engine != "single",
+                                            timeout_s=cfg.train.collective_timeout)
         setup_logging(info.rank)
         return Run(cfg, info).train(stop)
     finally:
@@ -121,8 +129,10 @@ class Run:
                  f"{self.num_parameters / 1e6:.2f}M parameters; steps {self.start} → {total}; output {self.out_dir}")
         batches, nonfinite, loss = iter(self.stream), 0, float("nan")
         progress = _progress(info.is_main, self.start, total)
+        watchdog = Watchdog(cfg.train.hang_timeout)
         try:
             for step in range(self.start, total):
+                watchdog.beat()  # one step and its periodic actions must end within hang_timeout
                 # Algorithm 1: one gradient step on L_simple (ddpm_dist/training/step.py).
                 gen = step_generator(cfg.seed, step, info.rank, info.device)
                 micro = draw_micro_batches(batches, self.accum, self.diffusion.num_timesteps, gen, self.engine)
@@ -149,6 +159,7 @@ class Run:
                     return TrainResult(done, True, loss, stop.signum)
             return TrainResult(total, False, loss)
         finally:
+            watchdog.close()
             progress.close()
             self.writer.close()
 
@@ -203,7 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not distributed.is_collective_failure(e):
+            raise
+        print(f"error: a collective operation failed ({_first_line(e)}): another rank died or hung "
+              f"(its log says why); rerun to resume from the last checkpoint", file=sys.stderr)
+        return FAULT_EXIT_STATUS
     return 3 if result.stopped_early else 0
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
 
 
 if __name__ == "__main__":
