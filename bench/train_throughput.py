@@ -8,8 +8,7 @@ same topology, measured in the same run.
 Both networks run the training step train.py runs (`ddpm_dist.training.step`): a `single`
 engine (Adam, clipping at 1.0, loss scaler, EMA; channels_last weights on CUDA), t and ε drawn
 per step, L_simple forward + backward, on a fixed batch (speed does not depend on the pixels).
-`--bf16` is train.precision=bf16, `--compile` is train.compile=true (per-block compile for ours,
-the whole UNet2DModel for diffusers). Each figure is the median of --repeats timed runs of
+`--bf16` is train.precision=bf16, `--compile` is train.compile=true (the whole network, for both). Each figure is the median of --repeats timed runs of
 --steps steps, timed in turns with the peer after a warm-up run; the ratio column is ours /
 diffusers.
 """
@@ -39,7 +38,7 @@ def step_fn(net, cfg, batch: int, args, device):
     """A closure running --steps training steps of `net` exactly as train.py's loop does."""
     train_cfg = dataclasses.replace(cfg.train, batch_size=batch, micro_batch_size=None,
                                     precision="bf16" if args.bf16 else "fp32",
-                                    compile=args.compile and not isinstance(net, DiffusersAdapter))
+                                    compile=str(args.compile and not isinstance(net, DiffusersAdapter)).lower())
     cfg = dataclasses.replace(cfg, engine="single", train=train_cfg)
     if args.compile and isinstance(net, DiffusersAdapter):
         net.unet.compile()

@@ -75,7 +75,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: str = "fp32"
     activation_checkpointing: bool = False
-    compile: bool = False
+    # torch.compile of the U-Net: "auto" = on CUDA, off on CPU (Inductor's AVX-512 bf16 code
+    # gave wrong gradients on some CPUs); "true" / "false" force it.
+    compile: str = "auto"
     zero_stage: int = 2  # engine=deepspeed only: ZeRO stage 0-3
     log_every: int = 100
     sample_every: int = 10_000
@@ -124,6 +126,7 @@ CHOICES = {
     "diffusion.model_var_type": ("fixedlarge", "fixedsmall"),
     "diffusion.loss_type": ("mse", "kl"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.compile": ("auto", "true", "false"),
     "engine": ("single", "ddp", "fsdp", "deepspeed"),
     "device": ("auto", "cpu", "cuda"),
 }
@@ -154,6 +157,8 @@ def _convert(value, tp, key: str):
         return value
     if tp is str and isinstance(value, str):
         return value
+    if tp is str and isinstance(value, bool):  # YAML reads true/false as booleans
+        return "true" if value else "false"
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 

@@ -309,3 +309,30 @@ def test_fp16_overflow_skips_the_step_and_backs_off():
     engine.backward(F.mse_loss(out.float(), noise))
     result = engine.step(LR)
     assert not result.skipped and engine.scaler.state_dict()["growth_tracker"] == 1
+
+
+def test_unet_training_and_sampling_trace_without_graph_breaks():
+    # torch.compile(mode="reduce-overhead") and whole-model compile need one graph: a break
+    # splits the step and re-enters Python on every call. Traced on CPU (no code generated).
+    import torch._dynamo
+
+    from ddpm_dist.training.engines.base import apply_block_options
+    diffusion = build_diffusion(DiffusionConfig())
+    x, noise = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    t = torch.tensor([0, 999])
+    for checkpointing in (False, True):
+        model = UNet(**vars(SMALL))
+        apply_block_options(model, activation_checkpointing=checkpointing, compile=False,
+                            device=torch.device("cpu"), precision="fp32")
+        for name, fn in (("training loss", lambda: diffusion.training_losses(model, x, t, noise)),
+                         ("reverse step", lambda: diffusion.p_sample(model, x, t, noise=noise))):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(fn)()
+            assert explained.graph_break_count == 0, f"{name}: {explained.break_reasons}"
+            assert explained.graph_count == 1, name
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    from ddpm_dist.training.engines.base import compile_enabled
+    assert compile_enabled("auto", torch.device("cuda", 0)) and not compile_enabled("auto", torch.device("cpu"))
+    assert compile_enabled("true", torch.device("cpu")) and not compile_enabled("false", torch.device("cuda", 0))

@@ -56,7 +56,7 @@ def load_checkpoint_ema(path: Path, config_path: str | None) -> tuple[UNet, Gaus
                                f"reads back, on the same world size; evaluate or export single/ddp/fsdp runs")
     # Plain fp32 module: no compile, no activation checkpointing, whatever training used.
     cfg = dataclasses.replace(cfg, engine="single", train=dataclasses.replace(
-        cfg.train, compile=False, activation_checkpointing=False))
+        cfg.train, compile="false", activation_checkpointing=False))
     model = build_model(cfg.model)
     engine = build_engine(cfg, model, torch.device("cpu"), DistInfo(0, 1, 0, torch.device("cpu"), True))
     try:

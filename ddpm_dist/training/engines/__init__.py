@@ -7,7 +7,7 @@ from torch import nn
 
 from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
-from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format
+from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format, compile_enabled
 
 __all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_split", "checkpoint_format"]
 
@@ -34,8 +34,11 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info:
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    # Whole-model compile where the wrapper leaves the module's forward alone (single, DDP);
+    # FSDP2 and DeepSpeed hook every block, so each block is compiled between the hooks.
     apply_block_options(model, activation_checkpointing=cfg.train.activation_checkpointing,
-                        compile=cfg.train.compile, device=device, precision=cfg.train.precision)
+                        compile=compile_enabled(cfg.train.compile, device), device=device,
+                        precision=cfg.train.precision, whole_model=cfg.engine in ("single", "ddp"))
     if cfg.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
         return DeepSpeedEngine(cfg, model, device, dist_info, *batch_split(cfg, dist_info.world_size))

@@ -153,19 +153,28 @@ def _checkpointed(forward, *args):
     return checkpoint(forward, *args, use_reentrant=False)
 
 
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """train.compile: "auto" compiles on CUDA only."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
 def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, compile: bool,
-                        device: torch.device, precision: str) -> None:
-    """Per-Block activation checkpointing and torch.compile, in place so parameter names (and so
-    checkpoints) stay those of the plain UNet. Call before sharding."""
-    if not (activation_checkpointing or compile):
-        return
+                        device: torch.device, precision: str, whole_model: bool = True) -> None:
+    """Per-Block activation checkpointing, and torch.compile of the whole model (or of each Block
+    when `whole_model` is False), in place, so parameter names (and so checkpoints) stay those of
+    the plain UNet. The U-Net's forward traces as one graph (no graph breaks). Call before
+    sharding."""
     if compile:
         guard_cpu_compile(device, precision)
-    for block in model.blocks():
-        if activation_checkpointing:
-            block.forward = functools.partial(_checkpointed, block.forward)
-        if compile:
-            block.compile()
+    per_block_compile = compile and not whole_model
+    if activation_checkpointing or per_block_compile:
+        for block in model.blocks():
+            if activation_checkpointing:
+                block.forward = functools.partial(_checkpointed, block.forward)
+            if per_block_compile:
+                block.compile()
+    if compile and whole_model:
+        model.compile()
 
 
 def guard_cpu_compile(device: torch.device, precision: str) -> None:
