@@ -23,6 +23,12 @@ def _locals(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [_local(t.detach()) for t in ts]
 
 
+def local_views(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """What this rank holds of each parameter, as views that stay valid while the parameters
+    live (FSDP2 keeps its shards in place), for `EMA.update`."""
+    return _locals(params)
+
+
 class EMA:
     """fp32 shadow copies of `params`: ema <- decay * ema + (1 - decay) * param after each step."""
 
@@ -34,12 +40,14 @@ class EMA:
         self.shadow = [p.detach().to(torch.float32, copy=True) for p in params]
         self.names = list(names) if names is not None else [str(i) for i in range(len(self.shadow))]
         assert len(self.names) == len(self.shadow), "one name per parameter"
+        self._shadow_locals = _locals(self.shadow)  # views, made once: the step does no DTensor work
 
     @torch.no_grad()
-    def update(self, params: Sequence[torch.Tensor]) -> None:
-        """One EMA step; lerp(ema, p, 1 - decay) is the paper's update in one fused kernel."""
-        src = [p.float() for p in _locals(params)]  # no copy when already fp32
-        torch._foreach_lerp_(_locals(self.shadow), src, 1.0 - self.decay)
+    def update(self, local_params: Sequence[torch.Tensor]) -> None:
+        """One EMA step over what this rank holds of the parameters (`local_views(params)`, made
+        once by the caller); lerp(ema, p, 1 - decay) is the paper's update in one fused kernel."""
+        src = [p.float() for p in local_params]  # no copy when already fp32
+        torch._foreach_lerp_(self._shadow_locals, src, 1.0 - self.decay)
 
     @contextlib.contextmanager
     def swap_into(self, params: Sequence[torch.Tensor]) -> Iterator[None]:

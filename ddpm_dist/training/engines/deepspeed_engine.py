@@ -16,7 +16,7 @@ from torch import nn
 
 from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
-from ddpm_dist.training.ema import EMA
+from ddpm_dist.training.ema import EMA, local_views
 from .base import DEEPSPEED_TAG, Engine, StepResult, autocast_context
 
 INSTALL_HINT = "engine=deepspeed needs `pip install ddpm-dist[deepspeed]`"
@@ -101,7 +101,7 @@ class DeepSpeedEngine(Engine):
         # non-finite norm is reported as not skipped; the loop's NaN guard stops the run.
         skipped = self.model.skipped_steps > skipped_before
         if not skipped:
-            self.ema.update(self.local_params())
+            self.ema.update(local_views(self.local_params()))
         return StepResult(grad_norm=norm, skipped=skipped)
 
     def save(self, folder: Path) -> None:

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
-from ddpm_dist.training.ema import EMA
+from ddpm_dist.training.ema import EMA, local_views
 from .base import DTYPES, DynamicLossScaler, Engine, StepResult, autocast_context
 
 
@@ -39,6 +39,7 @@ class TorchEngine(Engine):
         self.optimizer = make_adam(cfg, list(self.params), device)
         self.scaler = DynamicLossScaler(enabled=cfg.train.precision == "fp16")
         self.ema = EMA(self.params, cfg.train.ema_decay, names=self.names)
+        self._param_views = local_views(self.params)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         return module
@@ -71,7 +72,7 @@ class TorchEngine(Engine):
         self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
         if finite:  # a skipped step leaves the weights, so the EMA stays too
-            self.ema.update(self.params)
+            self.ema.update(self._param_views)
         return StepResult(grad_norm=norm, skipped=not finite)
 
     def local_params(self) -> list[torch.Tensor]:
