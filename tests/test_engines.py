@@ -336,3 +336,12 @@ def test_compile_auto_is_on_for_cuda_only():
     from ddpm_dist.training.engines.base import compile_enabled
     assert compile_enabled("auto", torch.device("cuda", 0)) and not compile_enabled("auto", torch.device("cpu"))
     assert compile_enabled("true", torch.device("cpu")) and not compile_enabled("false", torch.device("cuda", 0))
+
+
+def test_deepspeed_runs_torchs_fused_adam_on_cuda_and_foreach_on_cpu():
+    from ddpm_dist.training.engines.deepspeed_engine import ds_config
+    cfg = make_cfg("deepspeed")
+    cuda = ds_config(cfg, 4, 1, torch.device("cuda", 0))["optimizer"]["params"]
+    cpu = ds_config(cfg, 4, 1, torch.device("cpu"))["optimizer"]["params"]
+    assert cuda["torch_adam"] and cuda["fused"] and "foreach" not in cuda
+    assert cpu["torch_adam"] and cpu["foreach"] and "fused" not in cpu

@@ -30,16 +30,19 @@ def import_deepspeed():
     return deepspeed
 
 
-def ds_config(cfg: Config, micro_batch: int, accum_steps: int) -> dict:
+def ds_config(cfg: Config, micro_batch: int, accum_steps: int, device: torch.device) -> dict:
     """The paper's Adam, clipping and precision as a DeepSpeed config."""
     o, precision = cfg.optim, cfg.train.precision
+    # torch's Adam inside DeepSpeed: its fused kernel on CUDA (one launch for all tensors, as
+    # the torch engines use), foreach on CPU. DeepSpeed's own fused Adam is a JIT build that
+    # takes minutes on a 2-core CPU and needs a CUDA toolkit on GPU nodes.
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum_steps,
-        # torch_adam: DeepSpeed's fused Adam is a minutes-long JIT build on a 2-core CPU.
         "optimizer": {"type": "Adam", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
                                                  "weight_decay": 0.0, "torch_adam": True,
-                                                 "adam_w_mode": False}},
+                                                 "adam_w_mode": False, **kernel}},
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
@@ -71,7 +74,7 @@ class DeepSpeedEngine(Engine):
         self.cfg, self.module, self.device, self.info = cfg, module, device, info
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=list(module.parameters()),
-            config=ds_config(cfg, micro_batch, accum_steps))
+            config=ds_config(cfg, micro_batch, accum_steps, device))
         self.names, params = zip(*module.named_parameters())
         self.params = list(params)
         self.ema = EMA(self.local_params(), cfg.train.ema_decay, names=self.names)
