@@ -23,7 +23,9 @@ import torch
 from ddpm_dist.config import Config, DiffusionConfig, ModelConfig
 from ddpm_dist.modelio.model_file import load_model_file, save_model_file
 from ddpm_dist.modelio.factory import build_model
-from ddpm_dist.samplers import Sampler, ddim_sample_loop, respace, sample_generators
+from ddpm_dist.noise import SampleNoise
+from ddpm_dist.samplers import SAMPLERS, Sampler, ddim_sample_loop, respace, sample_generators
+from ddpm_dist.utils.opcount import count_ops
 from ddpm_dist.evaluation.generate import load_png, missing_indices, sample_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +157,24 @@ def test_ddim_with_eta_0_is_a_function_of_the_initial_noise_only(model_file):
     c = ddim_sample_loop(spaced, net, (2, *shape), eta=1.0, noise=x_T, generator=sample_generators(2, range(2)))
     assert torch.equal(a, b) and a.abs().max() <= 1
     assert not torch.allclose(a, c)  # with η = 1 the step noise matters
+
+
+def _ops(model, diffusion, shape, kind: str, noise_of, batch: int) -> tuple[int, int]:
+    """(aten ops of a whole 2-step sampling call, ops of one more reverse step) at `batch`."""
+    samplers = [Sampler(model, diffusion, shape, sampler=kind, steps=k, eta=1.0) for k in (2, 3)]
+    two, three = (count_ops(lambda: s(noise_of(range(batch)), "cpu")) for s in samplers)
+    return two, three - two
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_the_ops_of_a_reverse_step_do_not_grow_with_the_batch(model_file, kind):
+    model, diffusion, shape = _models(model_file)
+    counter_based = lambda indices: SampleNoise(0, indices)
+    assert _ops(model, diffusion, shape, kind, counter_based, 4) == _ops(model, diffusion, shape, kind,
+                                                                         counter_based, 64)
+    generators = lambda indices: sample_generators(0, indices)  # one randn per sample per step
+    assert _ops(model, diffusion, shape, kind, generators, 64)[1] > _ops(model, diffusion, shape, kind,
+                                                                         generators, 4)[1]
 
 
 def test_eval_nll_is_finite_and_the_same_on_two_ranks(model_file, tmp_path):

@@ -2,13 +2,13 @@
 
     python tools/fid_sample.py --config CFG --ckpt CKPT --num-samples N --out DIR --world-size W
 
-Sample i is drawn from the generator seeded by (seed, i) (ddpm_dist/samplers.py:
-`sample_generators`), so W = 1 and W = 64 write the same `DIR/{i//1000*1000:06d}/{i:06d}.png`;
+Sample i is drawn from the noise stream keyed by (seed, i) (ddpm_dist/noise.py:
+`SampleNoise`), so W = 1 and W = 64 write the same `DIR/{i//1000*1000:06d}/{i:06d}.png`;
 a rerun skips finished samples. The run ends with `DIR/samples_{N}x{H}x{W}x3.npz` and
 `DIR/result.json` (N, seed, sampler, steps, weights hash; FID/IS and the Inception pipeline
 when scoring, plus the samples' `inception_stats.npz`). Scoring is on with
 --ref-stats, --inception-weights or --score. `--seeds 3` samples seeds S, S+1, S+2 (disjoint:
-generator seeds mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample std (ddof=1).
+noise keys mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample std (ddof=1).
 Launch: inside torchrun/srun the ranks exist already; else `--launcher local` spawns W
 processes here and `--launcher slurm` submits W tasks with submitit.
 """

@@ -1,6 +1,6 @@
-"""Distributed sample generation for FID: per-sample generators, strided slices, atomic writes.
+"""Distributed sample generation for FID: per-sample noise streams, strided slices, atomic writes.
 
-Sample i comes from the generator seeded by (seed, i) (`samplers.sample_generators`), so the
+Sample i comes from the noise stream keyed by (seed, i) (`noise.SampleNoise`), so the
 images do not depend on the world size, the batch size or which samples a rerun skips. Each
 is written atomically as `DIR/{i - i % 1000:06d}/{i:06d}.png`; a rerun keeps the finished
 ones and splits only the missing indices over the ranks (strided, so work stays even). At the
@@ -22,7 +22,8 @@ from tqdm import tqdm
 from ddpm_dist.distributed import DistInfo, barrier
 from ddpm_dist.images import save_png, to_uint8
 from ddpm_dist.metrics.evaluate import InceptionStatistics
-from ddpm_dist.samplers import Sampler, sample_generators
+from ddpm_dist.noise import SampleNoise
+from ddpm_dist.samplers import Sampler
 from ddpm_dist.utils.files import atomic_path, is_temp_file
 
 
@@ -73,11 +74,10 @@ def rgb(images: torch.Tensor) -> torch.Tensor:
 
 def generate_batch(sampler: Sampler, indices: list[int], seed: int, batch: int, device) -> torch.Tensor:
     """uint8 [B, C, H, W] samples of `indices`. A short last batch is padded to `batch` rows, so
-    all model calls of a rank have one shape (no kernel re-selection or recompile for it)."""
-    gens = sample_generators(seed, indices, device)
-    pad = batch - len(indices)
-    gens += [torch.Generator(device).manual_seed(0) for _ in range(pad)]
-    return to_uint8(sampler(gens, device)[:len(indices)]).cpu()
+    all model calls of a rank have one shape (no kernel re-selection or recompile for it); the
+    pad rows repeat the last sample and are dropped."""
+    padded = indices + indices[-1:] * (batch - len(indices))
+    return to_uint8(sampler(SampleNoise(seed, padded, device), device)[:len(indices)]).cpu()
 
 
 def write_samples(out: str | Path, indices: list[int], images: torch.Tensor) -> None:
