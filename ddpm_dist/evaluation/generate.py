@@ -10,7 +10,9 @@ float64 sums are all-reduced (nothing is gathered) and rank 0 writes FID / IS to
 """
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,50 @@ def generate_batch(sampler: Sampler, indices: list[int], seed: int, batch: int, 
     pad rows repeat the last sample and are dropped."""
     padded = indices + indices[-1:] * (batch - len(indices))
     return to_uint8(sampler(SampleNoise(seed, padded, device), device)[:len(indices)]).cpu()
+
+
+AUTO_BATCH_LIMIT = 1024   # the largest batch `--batch-size auto` picks
+AUTO_MEMORY_SHARE = 0.8   # of the free GPU memory one sampling step may take
+CPU_BATCH = 64            # `--batch-size auto` on a CPU
+
+
+def largest_power_of_two(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest power of two b ≤ limit with fits(b), trying 2, 4, 8, … until one does not
+    fit (memory grows with b); 1 if even 2 does not fit."""
+    b = 1
+    while 2 * b <= limit and fits(2 * b):
+        b *= 2
+    return b
+
+
+def step_peak_bytes(sampler: Sampler, batch: int, device: torch.device) -> float:
+    """CUDA memory one sampling step at `batch` adds at its peak (x_t, a forward, the step's
+    noise); infinite if it runs out of memory."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    try:
+        with torch.no_grad():
+            noise = SampleNoise(0, range(batch), device)
+            x = noise.draw((batch, *sampler.image_shape))
+            out = sampler.model(x, torch.zeros(batch, dtype=torch.long, device=device))
+            noise.draw(out.shape)
+        return torch.cuda.max_memory_allocated(device) - base
+    except torch.cuda.OutOfMemoryError:
+        return math.inf
+    finally:
+        torch.cuda.empty_cache()
+
+
+def auto_batch_size(sampler: Sampler, device: torch.device) -> int:
+    """The largest power of two ≤ 1024 whose sampling step fits in 80% of the free GPU memory
+    (measured before probing); 64 on a CPU. Ranks may pick different sizes: samples do not
+    depend on it."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    return largest_power_of_two(lambda b: step_peak_bytes(sampler, b, device) <= AUTO_MEMORY_SHARE * free,
+                                AUTO_BATCH_LIMIT)
 
 
 def write_samples(out: str | Path, indices: list[int], images: torch.Tensor) -> None:
