@@ -4,13 +4,16 @@
     python bench/sample_throughput.py [--models cifar10 lsun_church] [--steps 1000] [--batch-size 256]
                                       [--repeats 3] [--device cuda] [--bf16]
 
-For each paper model (random weights: speed does not depend on them) and each sampler (ancestral
-DDPM, DDIM η=0) it times `Sampler` (per-sample generators, the path of tools/fid_sample.py, minus
-PNG writing) and, if `diffusers` is importable, its pipeline on a UNet2DModel of the same layout
+For each model (configs/<name>.yaml, e.g. cifar10, lsun_church, or demo_digits for a quick CPU
+check; random weights: speed does not depend on them) and each sampler (ancestral DDPM, DDIM η=0)
+it times `Sampler` with `SampleNoise` (counter-based per-sample noise, the path of
+tools/fid_sample.py, minus PNG writing), `Sampler` with one torch.Generator per sample (the
+previous path) and, if `diffusers` is importable, its pipeline on a UNet2DModel of the same layout
 (channels, blocks, attention resolutions; ≈ the same parameter count), same batch, same steps.
-Each number is the median of --repeats timed runs after one warm-up run. The 50k line projects
-the time of 50,000 samples at 1000 steps from the measured per-step rate (the goal on one
-H200: CIFAR-10 ≤ 35 min).
+Each number is the median of --repeats timed runs after one warm-up run. "aten ops / step" is
+the op count of a 3-step run minus that of a 2-step run at the same batch (each op is at least
+one kernel launch on a GPU, views aside). The 50k line projects the time of 50,000 samples at
+1000 steps from the measured per-step rate (the goal on one H200: CIFAR-10 ≤ 35 min).
 """
 from __future__ import annotations
 
@@ -22,18 +25,27 @@ import torch
 
 from ddpm_dist.config import load_config
 from ddpm_dist.modelio.factory import build_diffusion, build_model
+from ddpm_dist.noise import SampleNoise
 from ddpm_dist.samplers import Sampler, sample_generators
 from ddpm_dist.unet import count_parameters
+from ddpm_dist.utils.opcount import count_ops
 from bench_utils import diffusers_unet, time_median
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(cfg, sampler: str, args, device):
-    model = build_model(cfg.model).to(device).eval()
-    s = Sampler(model, build_diffusion(cfg.diffusion), (cfg.model.in_channels, cfg.model.resolution,
-                cfg.model.resolution), sampler=sampler, steps=args.steps, eta=0.0, bf16=args.bf16)
-    return (lambda: s(sample_generators(0, range(args.batch_size), device), device)), count_parameters(model)
+def ours(noise_of):
+    """A builder of `Sampler` runs whose noise is `noise_of(indices, device)`."""
+    def build(cfg, sampler: str, args, device):
+        model = build_model(cfg.model).to(device).eval()
+        shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
+        diffusion = build_diffusion(cfg.diffusion)
+
+        def run(steps: int):
+            s = Sampler(model, diffusion, shape, sampler=sampler, steps=steps, eta=0.0, bf16=args.bf16)
+            return s(noise_of(range(args.batch_size), device), device)
+        return run, count_parameters(model)
+    return build
 
 
 def theirs(cfg, sampler: str, args, device):
@@ -49,11 +61,16 @@ def theirs(cfg, sampler: str, args, device):
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator(device).manual_seed(0)
 
-    def run():
+    def run(steps: int):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pipe(batch_size=args.batch_size, num_inference_steps=args.steps or T, generator=gen,
-                 output_type="np", **kw)
+            pipe(batch_size=args.batch_size, num_inference_steps=steps, generator=gen, output_type="np", **kw)
     return run, sum(p.numel() for p in unet.parameters())
+
+
+def ops_per_step(run) -> int:
+    """aten ops of one more reverse step: a 3-step run minus a 2-step run."""
+    with torch.no_grad():
+        return count_ops(lambda: run(3)) - count_ops(lambda: run(2))
 
 
 def main() -> None:
@@ -67,30 +84,31 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
+    impls = {"ddpm-dist SampleNoise": ours(lambda idx, dev: SampleNoise(0, idx, dev)),
+             "ddpm-dist per-sample generators": ours(lambda idx, dev: sample_generators(0, idx, dev))}
     try:
         import diffusers
-        impls = {"ddpm-dist": ours, f"diffusers {diffusers.__version__}": theirs}
+        impls[f"diffusers {diffusers.__version__}"] = theirs
     except ImportError:
-        impls = {"ddpm-dist": ours}
         print("diffusers is not importable: its rows are skipped (pip install diffusers)")
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), batch {args.batch_size}, steps {args.steps or 'T'}, bf16 {args.bf16}, "
           f"median of {args.repeats}")
-    print("| model | sampler | implementation | params | samples/s | 50k × 1000 steps (projected) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | sampler | implementation | params | aten ops / step | samples/s | 50k × 1000 steps (projected) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         steps = args.steps or cfg.diffusion.num_timesteps
         for sampler in args.samplers:
             for impl, build in impls.items():
                 torch.manual_seed(0)
-                fn, params = build(cfg, sampler, args, device)
+                run, params = build(cfg, sampler, args, device)
                 with torch.no_grad():
-                    seconds = time_median(fn, args.repeats, device)
+                    seconds = time_median(lambda: run(steps), args.repeats, device)
                 rate = args.batch_size / seconds
                 projected_h = 50_000 * 1000 / (rate * steps) / 3600
-                print(f"| {name} | {sampler} | {impl} | {params / 1e6:.2f}M | {rate:.3g} | {projected_h:.3g} h |",
-                      flush=True)
+                print(f"| {name} | {sampler} | {impl} | {params / 1e6:.2f}M | {ops_per_step(run)} | {rate:.3g} "
+                      f"| {projected_h:.3g} h |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
-Generator = torch.Generator | Sequence[torch.Generator] | None
+
+class NoiseSource(Protocol):
+    """Per-sample noise drawn for a whole batch at once (e.g. `ddpm_dist.noise.SampleNoise`):
+    each `draw(shape)` is the next standard normal tensor, row i from sample i alone."""
+
+    def __len__(self) -> int: ...
+
+    def draw(self, shape: Sequence[int]) -> torch.Tensor: ...
+
+
+Generator = torch.Generator | Sequence[torch.Generator] | NoiseSource | None
 
 
 def make_beta_schedule(schedule: str, num_timesteps: int) -> torch.Tensor:
@@ -34,7 +45,11 @@ def make_beta_schedule(schedule: str, num_timesteps: int) -> torch.Tensor:
 
 def randn(shape: Sequence[int], generator: Generator = None, device=None) -> torch.Tensor:
     """Standard normal noise. With a list of generators, row i of the batch comes from generator
-    i alone, so a sample does not depend on which other samples share its batch."""
+    i alone, so a sample does not depend on which other samples share its batch; a noise
+    source gives the same property with a number of ops that does not grow with the batch
+    (on the source's device)."""
+    if hasattr(generator, "draw"):
+        return generator.draw(shape)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(*shape, generator=generator, device=device)
     assert len(generator) == shape[0], f"{len(generator)} generators for a batch of {shape[0]}"
@@ -179,7 +194,7 @@ class GaussianDiffusion:
     def p_sample_loop(self, model: Callable, shape: Sequence[int], noise: torch.Tensor | None = None,
                       generator: Generator = None, device=None, progress: bool = False) -> torch.Tensor:
         """Algorithm 2: x_T ~ N(0, I), then p_sample for t = T-1 … 0. With one generator per
-        sample, sample i depends on its own generator only."""
+        sample or a noise source, sample i depends on its own noise only."""
         device = device if device is not None else (noise.device if noise is not None else "cpu")
         img = randn(shape, generator, device) if noise is None else noise
         steps = range(self.num_timesteps - 1, -1, -1)
@@ -226,7 +241,7 @@ class GaussianDiffusion:
                       progress: bool = False, generator: Generator = None) -> dict:
         """The full variational bound L = L_T + Σ_{t>1} L_{t-1} + L_0 (Eq. 5) in bits/dim, one model
         call per t on the whole batch → total_bpd [B], prior_bpd [B], vb [B, T], mse [B, T].
-        With one generator per image, image i's q_sample noise depends on its generator only."""
+        With one generator per image or a noise source, image i's q_sample noise is its own."""
         B, T = x_start.shape[0], self.num_timesteps
         vb = torch.zeros(B, T, dtype=torch.float64, device=x_start.device)
         mse = torch.zeros_like(vb)

@@ -1,7 +1,10 @@
 """Samplers on top of `GaussianDiffusion`: per-sample seeding, respaced timesteps, DDIM.
 
-* Sample i is a function of (seed, i) only: `sample_generators` gives each sample its own
-  generator, and every random draw of that sample (x_T and each step's noise) comes from it.
+* Sample i is a function of (seed, i) only: every random draw of that sample (x_T and each
+  step's noise) comes from its own stream, keyed by `sample_seed(seed, i)`. `SampleNoise`
+  (ddpm_dist/noise.py) draws all rows of a step in one fixed set of ops and is what
+  tools/fid_sample.py uses; `sample_generators` gives one torch.Generator per sample (one
+  randn call per sample per step), and `Sampler` takes either.
 * Respacing (`--steps K`) keeps K of the T timesteps, evenly spaced, and derives the new β's
   from ᾱ at the kept steps, β'_j = 1 − ᾱ_{t_j} / ᾱ_{t_{j−1}}, so the marginals q(x_t | x_0)
   at kept steps are unchanged (Nichol & Dhariwal 2021, §4; improved-diffusion's respace.py).
@@ -16,15 +19,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ddpm_dist.diffusion import GaussianDiffusion, randn
-from ddpm_dist.utils.seeds import derive_seed
+from ddpm_dist.diffusion import Generator, GaussianDiffusion, randn
+from ddpm_dist.noise import SampleNoise, sample_seed
 
 SAMPLERS = ("ddpm", "ddim")
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The generator seed of sample `index` of a run seeded `seed`."""
-    return derive_seed(seed, index)
 
 
 def sample_generators(seed: int, indices: Sequence[int], device="cpu") -> list[torch.Generator]:
@@ -72,7 +70,8 @@ def respace(diffusion: GaussianDiffusion, steps: int | None) -> tuple[GaussianDi
 def ddim_sample_loop(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], *, eta: float = 0.0,
                      noise: torch.Tensor | None = None, generator=None, device=None) -> torch.Tensor:
     """DDIM (Song et al. 2021, Eq. 12): x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1−ᾱ_{t−1}−σ²) ε̂ + σ z.
-    Draws x_T and then one noise tensor per step from `generator`, like `p_sample_loop`."""
+    Draws x_T and then one noise tensor per step from `generator` (a torch generator, one per
+    sample, or a noise source), like `p_sample_loop`."""
     device = device if device is not None else (noise.device if noise is not None else "cpu")
     x = randn(shape, generator, device) if noise is None else noise
     for i in range(diffusion.num_timesteps - 1, -1, -1):
@@ -97,7 +96,8 @@ def ddim_step(diffusion: GaussianDiffusion, model: Callable, x: torch.Tensor, t:
 
 
 class Sampler:
-    """`sampler(generators)` → a batch of samples in [−1, 1], one row per generator."""
+    """`sampler(noise, device)` → a batch of samples in [−1, 1], one row per sample of `noise`:
+    a `SampleNoise` or a list of torch generators, one per sample."""
 
     def __init__(self, model: Callable, diffusion: GaussianDiffusion, image_shape: Sequence[int], *,
                  sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, bf16: bool = False):
@@ -108,9 +108,8 @@ class Sampler:
         self.model = TimestepMap(model, kept if len(kept) < diffusion.num_timesteps else None, bf16)
         self.image_shape, self.kind, self.eta = tuple(image_shape), sampler, eta
 
-    def __call__(self, generators: list[torch.Generator], device) -> torch.Tensor:
-        shape = (len(generators), *self.image_shape)
+    def __call__(self, noise: SampleNoise | Generator, device) -> torch.Tensor:
+        shape = (len(noise), *self.image_shape)
         if self.kind == "ddim":
-            return ddim_sample_loop(self.diffusion, self.model, shape, eta=self.eta,
-                                    generator=generators, device=device)
-        return self.diffusion.p_sample_loop(self.model, shape, generator=generators, device=device)
+            return ddim_sample_loop(self.diffusion, self.model, shape, eta=self.eta, generator=noise, device=device)
+        return self.diffusion.p_sample_loop(self.model, shape, generator=noise, device=device)

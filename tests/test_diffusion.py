@@ -8,6 +8,7 @@ from scipy import stats
 
 from ddpm_dist.diffusion import (GaussianDiffusion, discretized_gaussian_log_likelihood, make_beta_schedule,
                                  normal_kl, randn)
+from ddpm_dist.noise import SampleNoise
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +196,14 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch():
     alone = d.p_sample_loop(model, (1, 3, 4, 4), generator=gens([12]))
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
     assert randn((2, 3), gens([1, 2])).shape == (2, 3)
+
+
+def test_a_noise_source_makes_a_sample_independent_of_its_batch():
+    d = GaussianDiffusion(make_beta_schedule("linear", 10))
+    model = lambda x, t: 0.5 * x
+    batch = d.p_sample_loop(model, (3, 3, 4, 4), generator=SampleNoise(0, [11, 12, 13]))
+    alone = d.p_sample_loop(model, (1, 3, 4, 4), generator=SampleNoise(0, [12]))
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mean_type", ["eps", "xstart", "mean"])

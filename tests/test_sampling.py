@@ -23,8 +23,11 @@ import torch
 from ddpm_dist.config import Config, DiffusionConfig, ModelConfig
 from ddpm_dist.modelio.model_file import load_model_file, save_model_file
 from ddpm_dist.modelio.factory import build_model
-from ddpm_dist.samplers import Sampler, ddim_sample_loop, respace, sample_generators
-from ddpm_dist.evaluation.generate import load_png, missing_indices, sample_path
+from ddpm_dist.noise import SampleNoise
+from ddpm_dist.samplers import SAMPLERS, Sampler, ddim_sample_loop, respace, sample_generators
+from ddpm_dist.utils.opcount import count_ops
+from ddpm_dist.evaluation.generate import (auto_batch_size, largest_power_of_two, load_png, missing_indices,
+                                           sample_path, step_peak_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 12  # ≥ 10: the Inception Score has 10 splits
@@ -96,6 +99,38 @@ def test_world_size_3_writes_the_same_samples_as_one_process(model_file, referen
     assert json.loads((tmp_path / "result.json").read_text())["world_size"] == 3
 
 
+def test_batch_size_auto_samples_64_at_a_time_on_a_cpu_and_writes_the_same_samples(model_file, reference, tmp_path):
+    _sample_here(model_file, tmp_path, "--batch-size", "auto")
+    assert _pngs(tmp_path) == _pngs(reference)
+    assert json.loads((tmp_path / "result.json").read_text())["runs"][0]["batch_size"] == 64
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "big"])
+def test_a_batch_size_neither_positive_nor_auto_is_refused(value, tmp_path):
+    from ddpm_dist.cli.fid_sample import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--random-init", "--num-samples", "2", "--out", str(tmp_path), "--batch-size", value])
+
+
+def test_the_largest_fitting_power_of_two_is_found_by_doubling():
+    assert largest_power_of_two(lambda b: b <= 300, 1024) == 256
+    assert largest_power_of_two(lambda b: True, 1024) == 1024
+    assert largest_power_of_two(lambda b: False, 1024) == 1
+    tried = []
+    largest_power_of_two(lambda b: tried.append(b) or b <= 8, 1024)
+    assert tried == [2, 4, 8, 16]  # stops at the first size that does not fit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_size_auto_on_a_gpu_picks_a_power_of_two_whose_step_fits(model_file):
+    model, diffusion, shape = _models(model_file)
+    sampler, device = Sampler(model.cuda(), diffusion, shape), torch.device("cuda")
+    batch = auto_batch_size(sampler, device)
+    assert batch == 1024  # an 8×8 tiny U-Net fits at the limit
+    free, _ = torch.cuda.mem_get_info(device)
+    assert 0 < step_peak_bytes(sampler, batch, device) <= 0.8 * free
+
+
 def test_the_npz_holds_the_pngs_in_index_order(reference):
     arr = np.load(reference / f"samples_{N}x8x8x3.npz")["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (N, 8, 8, 3)
@@ -155,6 +190,24 @@ def test_ddim_with_eta_0_is_a_function_of_the_initial_noise_only(model_file):
     c = ddim_sample_loop(spaced, net, (2, *shape), eta=1.0, noise=x_T, generator=sample_generators(2, range(2)))
     assert torch.equal(a, b) and a.abs().max() <= 1
     assert not torch.allclose(a, c)  # with η = 1 the step noise matters
+
+
+def _ops(model, diffusion, shape, kind: str, noise_of, batch: int) -> tuple[int, int]:
+    """(aten ops of a whole 2-step sampling call, ops of one more reverse step) at `batch`."""
+    samplers = [Sampler(model, diffusion, shape, sampler=kind, steps=k, eta=1.0) for k in (2, 3)]
+    two, three = (count_ops(lambda: s(noise_of(range(batch)), "cpu")) for s in samplers)
+    return two, three - two
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_the_ops_of_a_reverse_step_do_not_grow_with_the_batch(model_file, kind):
+    model, diffusion, shape = _models(model_file)
+    counter_based = lambda indices: SampleNoise(0, indices)
+    assert _ops(model, diffusion, shape, kind, counter_based, 4) == _ops(model, diffusion, shape, kind,
+                                                                         counter_based, 64)
+    generators = lambda indices: sample_generators(0, indices)  # one randn per sample per step
+    assert _ops(model, diffusion, shape, kind, generators, 64)[1] > _ops(model, diffusion, shape, kind,
+                                                                         generators, 4)[1]
 
 
 def test_eval_nll_is_finite_and_the_same_on_two_ranks(model_file, tmp_path):

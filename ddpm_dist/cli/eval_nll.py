@@ -2,8 +2,8 @@
 
     python tools/eval_nll.py --ckpt MODEL --data digits|FOLDER|NPZ [--num-images N] --world-size W
 
-Rank r takes images r, r+W, ...; image i's forward-process noise comes from the generator seeded
-by (seed, i), so the number does not depend on W. Per-image bits/dim are summed in float64 and
+Rank r takes images r, r+W, ...; image i's forward-process noise comes from the noise stream keyed
+by (seed, i) (`noise.SampleNoise`), so the number does not depend on W. Per-image bits/dim are summed in float64 and
 all-reduced; rank 0 prints the mean and writes --out JSON.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.metrics.stats import all_reduce_sum
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
-from ddpm_dist.samplers import sample_generators
+from ddpm_dist.noise import SampleNoise
 from ddpm_dist.modelio.model_file import weights_sha256
 
 
@@ -63,8 +63,8 @@ def bpd_sums(model, diffusion, images, indices, args, device, show: bool) -> tor
     bar = tqdm(total=len(indices), unit="img", desc="bits/dim (rank 0)", disable=not show)
     for idx, batch in image_batches(images, indices, args.batch_size):
         x = to_model_input(batch, model.in_channels, model.resolution)
-        gens = sample_generators(args.seed, idx.tolist(), device)
-        out = diffusion.calc_bpd_loop(model, x.to(device), generator=gens)
+        noise = SampleNoise(args.seed, idx.tolist(), device)
+        out = diffusion.calc_bpd_loop(model, x.to(device), generator=noise)
         sums += torch.stack([out["total_bpd"].new_tensor(float(len(idx))), out["total_bpd"].sum(),
                              out["prior_bpd"].sum(), out["vb"][:, 0].sum()])
         bar.update(len(idx))

@@ -2,13 +2,13 @@
 
     python tools/fid_sample.py --config CFG --ckpt CKPT --num-samples N --out DIR --world-size W
 
-Sample i is drawn from the generator seeded by (seed, i) (ddpm_dist/samplers.py:
-`sample_generators`), so W = 1 and W = 64 write the same `DIR/{i//1000*1000:06d}/{i:06d}.png`;
+Sample i is drawn from the noise stream keyed by (seed, i) (ddpm_dist/noise.py:
+`SampleNoise`), so W = 1 and W = 64 write the same `DIR/{i//1000*1000:06d}/{i:06d}.png`;
 a rerun skips finished samples. The run ends with `DIR/samples_{N}x{H}x{W}x3.npz` and
 `DIR/result.json` (N, seed, sampler, steps, weights hash; FID/IS and the Inception pipeline
 when scoring, plus the samples' `inception_stats.npz`). Scoring is on with
 --ref-stats, --inception-weights or --score. `--seeds 3` samples seeds S, S+1, S+2 (disjoint:
-generator seeds mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample std (ddof=1).
+noise keys mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample std (ddof=1).
 Launch: inside torchrun/srun the ranks exist already; else `--launcher local` spawns W
 processes here and `--launcher slurm` submits W tasks with submitit.
 """
@@ -25,10 +25,19 @@ from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
-from ddpm_dist.evaluation.generate import SampleJob, generate
+from ddpm_dist.evaluation.generate import SampleJob, auto_batch_size, generate
 from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace
+
+
+def batch_size(text: str) -> int | str:
+    """`auto` or a positive integer (argparse reports the error as an invalid batch_size value)."""
+    if text == "auto":
+        return text
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,14 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per model call per rank")
+    p.add_argument("--batch-size", type=batch_size, default=64,
+                   help="samples per model call per rank, or auto: on a GPU the largest power of two ≤ 1024 "
+                        "whose step fits in 80%% of free memory, on a CPU 64")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
     p.add_argument("--score", action="store_true", help="Inception Score (and FID with --ref-stats)")
     p.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid Inception state dict")
     p.add_argument("--ref-stats", metavar="NPZ", help="reference mu/sigma (tools/fid_stats.py)")
     args = p.parse_args(argv)
-    if args.num_samples < 1 or args.world_size < 1 or args.batch_size < 1 or args.seeds < 1:
-        p.error("--num-samples, --world-size, --batch-size and --seeds must be positive")
+    if args.num_samples < 1 or args.world_size < 1 or args.seeds < 1:
+        p.error("--num-samples, --world-size and --seeds must be positive")
     args.score = bool(args.score or args.ref_stats or args.inception_weights)
     return args
 
@@ -91,14 +102,15 @@ def run_rank(args) -> dict | None:
         sha = weights_sha256(model.state_dict())
         sampler = Sampler(model.to(info.device), diffusion, (model.in_channels, model.resolution, model.resolution),
                           sampler=args.sampler, steps=args.steps, eta=args.eta, bf16=args.bf16)
+        batch = auto_batch_size(sampler, info.device) if args.batch_size == "auto" else args.batch_size
         inception, ref = load_scoring(args, info.device) if args.score else (None, None)
         runs = []
         for seed in range(args.seed, args.seed + args.seeds):
             out = Path(args.out) if args.seeds == 1 else Path(args.out) / f"seed_{seed}"
-            job = SampleJob(str(out), args.num_samples, seed, args.batch_size, args.sampler, args.steps,
-                            args.eta, args.bf16)
+            job = SampleJob(str(out), args.num_samples, seed, batch, args.sampler, args.steps, args.eta, args.bf16)
             score = InceptionStatistics(inception, args.num_samples, info.device, splits=10) if args.score else None
-            run = {"seed": seed, "out": str(out), "world_size": info.world_size, **generate(job, sampler, info, score)}
+            run = {"seed": seed, "out": str(out), "world_size": info.world_size, "batch_size": batch,
+                   **generate(job, sampler, info, score)}
             if score is not None and info.is_main:
                 run.update(score.result(out, ref))
             runs.append(run)

@@ -1,6 +1,6 @@
-"""Distributed sample generation for FID: per-sample generators, strided slices, atomic writes.
+"""Distributed sample generation for FID: per-sample noise streams, strided slices, atomic writes.
 
-Sample i comes from the generator seeded by (seed, i) (`samplers.sample_generators`), so the
+Sample i comes from the noise stream keyed by (seed, i) (`noise.SampleNoise`), so the
 images do not depend on the world size, the batch size or which samples a rerun skips. Each
 is written atomically as `DIR/{i - i % 1000:06d}/{i:06d}.png`; a rerun keeps the finished
 ones and splits only the missing indices over the ranks (strided, so work stays even). At the
@@ -10,7 +10,9 @@ float64 sums are all-reduced (nothing is gathered) and rank 0 writes FID / IS to
 """
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from tqdm import tqdm
 from ddpm_dist.distributed import DistInfo, barrier
 from ddpm_dist.images import save_png, to_uint8
 from ddpm_dist.metrics.evaluate import InceptionStatistics
-from ddpm_dist.samplers import Sampler, sample_generators
+from ddpm_dist.noise import SampleNoise
+from ddpm_dist.samplers import Sampler
 from ddpm_dist.utils.files import atomic_path, is_temp_file
 
 
@@ -73,11 +76,54 @@ def rgb(images: torch.Tensor) -> torch.Tensor:
 
 def generate_batch(sampler: Sampler, indices: list[int], seed: int, batch: int, device) -> torch.Tensor:
     """uint8 [B, C, H, W] samples of `indices`. A short last batch is padded to `batch` rows, so
-    all model calls of a rank have one shape (no kernel re-selection or recompile for it)."""
-    gens = sample_generators(seed, indices, device)
-    pad = batch - len(indices)
-    gens += [torch.Generator(device).manual_seed(0) for _ in range(pad)]
-    return to_uint8(sampler(gens, device)[:len(indices)]).cpu()
+    all model calls of a rank have one shape (no kernel re-selection or recompile for it); the
+    pad rows repeat the last sample and are dropped."""
+    padded = indices + indices[-1:] * (batch - len(indices))
+    return to_uint8(sampler(SampleNoise(seed, padded, device), device)[:len(indices)]).cpu()
+
+
+AUTO_BATCH_LIMIT = 1024   # the largest batch `--batch-size auto` picks
+AUTO_MEMORY_SHARE = 0.8   # of the free GPU memory one sampling step may take
+CPU_BATCH = 64            # `--batch-size auto` on a CPU
+
+
+def largest_power_of_two(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest power of two b ≤ limit with fits(b), trying 2, 4, 8, … until one does not
+    fit (memory grows with b); 1 if even 2 does not fit."""
+    b = 1
+    while 2 * b <= limit and fits(2 * b):
+        b *= 2
+    return b
+
+
+def step_peak_bytes(sampler: Sampler, batch: int, device: torch.device) -> float:
+    """CUDA memory one sampling step at `batch` adds at its peak (x_t, a forward, the step's
+    noise); infinite if it runs out of memory."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    try:
+        with torch.no_grad():
+            noise = SampleNoise(0, range(batch), device)
+            x = noise.draw((batch, *sampler.image_shape))
+            out = sampler.model(x, torch.zeros(batch, dtype=torch.long, device=device))
+            noise.draw(out.shape)
+        return torch.cuda.max_memory_allocated(device) - base
+    except torch.cuda.OutOfMemoryError:
+        return math.inf
+    finally:
+        torch.cuda.empty_cache()
+
+
+def auto_batch_size(sampler: Sampler, device: torch.device) -> int:
+    """The largest power of two ≤ 1024 whose sampling step fits in 80% of the free GPU memory
+    (measured before probing); 64 on a CPU. Ranks may pick different sizes: samples do not
+    depend on it."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    return largest_power_of_two(lambda b: step_peak_bytes(sampler, b, device) <= AUTO_MEMORY_SHARE * free,
+                                AUTO_BATCH_LIMIT)
 
 
 def write_samples(out: str | Path, indices: list[int], images: torch.Tensor) -> None:
