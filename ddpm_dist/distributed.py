@@ -180,14 +180,13 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_mean(value: float | torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (a float64 copy; the input is left alone). Identity without a group."""
-    t = torch.as_tensor(value, dtype=torch.float64).clone()
-    if not dist.is_initialized():
-        return t
-    t = t.to(_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / dist.get_world_size()).cpu()
+def all_reduce_sum(tensors) -> None:
+    """Sum each tensor over all ranks in place (on the backend's device: CUDA for NCCL, CPU for
+    gloo); a no-op outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def any_flag(flag: bool) -> bool:

@@ -10,7 +10,6 @@ signal with a complete checkpoint; 6 a rank died or hung (collective timeout or 
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -26,14 +25,15 @@ from ddpm_dist.images import make_grid, save_png, to_uint8
 from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpm_dist.training.engines import batch_split, build_engine
-from ddpm_dist.training.step import StepOutput, draw_micro_batches, step_generator, train_step
+from ddpm_dist.training.step import draw_micro_batches, step_generator, train_step
 from ddpm_dist.training.watchdog import FAULT_EXIT_STATUS, Watchdog
-from ddpm_dist.training.telemetry import (MetricsWriter, StepTimer, loss_by_quarter, memory_gb,
-                                          model_flops_per_image, peak_flops)
+from ddpm_dist.training.telemetry import (MetricsWriter, StepTally, StepTimer, memory_gb, model_flops_per_image,
+                                          peak_flops)
 from ddpm_dist.utils.logs import log, setup_logging
 from ddpm_dist.utils.seeds import Purpose, derive_seed
 
-MAX_NONFINITE = 20  # consecutive non-finite steps before the run stops with a checkpoint
+MAX_NONFINITE = 20  # consecutive non-finite steps before the run stops with a checkpoint (checked when logging)
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on a stop signal (one host read each)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,6 +112,7 @@ class Run:
         self.start = self._resume()
         self.writer = MetricsWriter(self.out_dir, enabled=info.is_main)
         self.timer = StepTimer()
+        self.tally = StepTally(info.device, self.diffusion.num_timesteps)
 
     def _resume(self) -> int:
         found = latest_checkpoint(self.ckpt_dir)
@@ -127,31 +128,32 @@ class Run:
         log.info(f"{cfg.engine} on {info.world_size} x {info.device.type}: global batch {cfg.train.batch_size} = "
                  f"{info.world_size} ranks x {self.accum} micro-batches x {self.micro_batch}; "
                  f"{self.num_parameters / 1e6:.2f}M parameters; steps {self.start} → {total}; output {self.out_dir}")
-        batches, nonfinite, loss = iter(self.stream), 0, float("nan")
+        batches, loss = iter(self.stream), float("nan")
         progress = _progress(info.is_main, self.start, total)
         watchdog = Watchdog(cfg.train.hang_timeout)
         try:
             for step in range(self.start, total):
                 watchdog.beat()  # one step and its periodic actions must end within hang_timeout
-                # Algorithm 1: one gradient step on L_simple (ddpm_dist/training/step.py).
+                # Algorithm 1: one gradient step on L_simple (ddpm_dist/training/step.py). No
+                # value is read back to the host here: the GPU runs ahead until a log point.
                 gen = step_generator(cfg.seed, step, info.rank, info.device)
                 micro = draw_micro_batches(batches, self.accum, self.diffusion.num_timesteps, gen, self.engine)
                 out = train_step(self.engine, self.diffusion, micro, learning_rate(cfg, step))
-                loss = distributed.all_reduce_mean(out.losses.mean()).item()
-                nonfinite = nonfinite + 1 if (out.result.skipped or not math.isfinite(loss)) else 0
+                self.tally.add(out.losses, out.t, out.result.grad_norm, out.result.skipped)
                 self.timer.tick(cfg.train.batch_size)
                 progress.update(1)
-                # Periodic actions after step `done`: log, guard, sample, checkpoint, stop.
+                # Periodic actions after step `done`: log (and the non-finite guard), sample,
+                # checkpoint, stop.
                 done = step + 1
                 if _every(done, cfg.train.log_every, total):
-                    self.log(done, out, loss, progress)
-                if nonfinite >= MAX_NONFINITE:
-                    self.checkpoint(done)
-                    raise NonFiniteLossError(f"{nonfinite} non-finite steps in a row at step {done}; saved a "
-                                             f"checkpoint. Lower optim.lr or use train.precision=bf16/fp32")
+                    loss, nonfinite = self.log(done, progress)
+                    if nonfinite >= MAX_NONFINITE:
+                        self.checkpoint(done)
+                        raise NonFiniteLossError(f"{nonfinite:.0f} non-finite steps in a row before step {done}; "
+                                                 f"saved a checkpoint. Lower optim.lr or use train.precision=bf16/fp32")
                 if _every(done, cfg.train.sample_every, total):
                     self.sample_grid(done)
-                stop_now = distributed.any_flag(stop.signum is not None)
+                stop_now = done % STOP_CHECK_EVERY == 0 and distributed.any_flag(stop.signum is not None)
                 if _every(done, cfg.train.ckpt_every, total) or stop_now:
                     self.checkpoint(done)
                 if stop_now:
@@ -163,15 +165,16 @@ class Run:
             progress.close()
             self.writer.close()
 
-    def log(self, done: int, out: StepOutput, loss: float, progress) -> None:
+    def log(self, done: int, progress) -> tuple[float, float]:
+        """Collective: the steps since the last log (loss averaged over them and the ranks).
+        Returns (loss, longest run of non-finite steps)."""
         cfg, info = self.cfg, self.info
-        scalars = {"loss": loss, "grad_norm": out.result.grad_norm, "lr": learning_rate(cfg, done - 1),
-                   "skipped_steps": float(out.result.skipped),
-                   **loss_by_quarter(out.losses, out.t, self.diffusion.num_timesteps),
+        scalars = {**self.tally.read(info.world_size), "lr": learning_rate(cfg, done - 1),
                    **self.timer.rates(info.world_size, self.flops, peak_flops(info.device)),
-                   **memory_gb(info.device), "data/skipped_samples": float(getattr(self.stream, "skipped", 0))}
+                   **memory_gb(info.device), "data/skipped_samples": float(self.stream.skipped)}
         self.writer.scalars(done, scalars)
-        progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{scalars['perf/images_per_s']:.0f}")
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['perf/images_per_s']:.0f}")
+        return scalars["loss"], scalars.pop("nonfinite_run")
 
     def checkpoint(self, done: int) -> None:
         save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},

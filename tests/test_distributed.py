@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from ddpm_dist import distributed as D
@@ -45,7 +46,9 @@ def test_single_process_has_no_group():
     info = D.init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.device.type) == (0, 1, True, "cpu")
     assert D.any_flag(True) and not D.any_flag(False)
-    assert float(D.all_reduce_mean(3.0)) == 3.0
+    t = torch.tensor([3.0])
+    D.all_reduce_sum([t])
+    assert float(t) == 3.0
 
 
 def _collectives_worker(rank: int, port: int, env_kind: str) -> None:
@@ -61,7 +64,9 @@ def _collectives_worker(rank: int, port: int, env_kind: str) -> None:
         assert (info.rank, info.world_size, info.is_main) == (rank, 2, rank == 0)
         assert D.any_flag(rank == 1)        # one rank's stop request reaches all
         assert not D.any_flag(False)
-        assert float(D.all_reduce_mean(float(rank))) == 0.5
+        t = torch.tensor([float(rank)], dtype=torch.float64)
+        D.all_reduce_sum([t])
+        assert float(t) == 1.0
         D.barrier()
     finally:
         D.teardown()
@@ -81,7 +86,9 @@ def test_always_group_gives_a_single_process_a_group(monkeypatch):
     info = D.init_distributed("cpu", always_group=True)
     try:
         assert D.dist.is_initialized() and D.dist.get_world_size() == 1 and info.world_size == 1
-        assert D.any_flag(True) and float(D.all_reduce_mean(2.0)) == 2.0
+        t = torch.tensor([2.0])
+        D.all_reduce_sum([t])
+        assert D.any_flag(True) and float(t) == 2.0
     finally:
         D.teardown()
     assert not D.dist.is_initialized()

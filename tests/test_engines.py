@@ -132,7 +132,7 @@ def assert_matches_reference(got: dict) -> None:
         assert_same(got[accum]["model"], model, f"accum={accum} model")
         assert_same(got[accum]["ema"], ema, f"accum={accum} ema")
         for a, b in zip(got[accum]["results"], results):
-            assert not a.skipped and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+            assert not a.skipped and float(a.grad_norm) == pytest.approx(float(b.grad_norm), rel=1e-4)
 
 
 def test_tolerance_catches_a_lost_half_batch():
@@ -170,7 +170,7 @@ def _low_precision_worker(rank: int, port: int) -> None:
     info = init_distributed("cpu")
     try:
         engine = new_engine(make_cfg("fsdp", "bf16", world=2, activation_checkpointing=True), info)
-        assert all(not r.skipped and math.isfinite(r.grad_norm) for r in train(engine, rank, 2, 1))
+        assert all(not r.skipped and math.isfinite(float(r.grad_norm)) for r in train(engine, rank, 2, 1))
         # fp16: an overflow in rank 0's shard alone must stop the step on both ranks.
         engine = new_engine(make_cfg("fsdp", "fp16", world=2), info)
         x, t, noise = (a.chunk(2)[rank] for a in batches()[0])
@@ -202,13 +202,13 @@ def _ds_native_worker(rank: int, port: int, ckpt_dir: str) -> None:
     try:
         cfg = make_cfg("deepspeed", "bf16", world=2, zero_stage=3)
         engine = new_engine(cfg, info)
-        assert all(not r.skipped and math.isfinite(r.grad_norm) for r in train(engine, rank, 2, 1))
-        engine.save_native(ckpt_dir, "step3")
+        assert all(not r.skipped and math.isfinite(float(r.grad_norm)) for r in train(engine, rank, 2, 1))
+        engine.save(Path(ckpt_dir))
         x, t, _ = (a.chunk(2)[rank] for a in batches()[0])
         outputs = []
         for e in (engine, new_engine(cfg, info)):
             if e is not engine:
-                e.load_native(ckpt_dir, "step3")
+                e.load(Path(ckpt_dir))
             with torch.no_grad(), e.ema_weights(), e.autocast():
                 outputs.append(e.model(x, t))
         assert torch.equal(*outputs), "EMA partitions and weights come back exactly"
@@ -299,7 +299,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off():
     engine.backward(F.mse_loss(out.float(), noise))
     engine.params[3].grad[0] = float("inf")
     result = engine.step(LR)
-    assert result.skipped and not torch.isfinite(torch.tensor(result.grad_norm))
+    assert result.skipped and not torch.isfinite(result.grad_norm)
     assert engine.scaler.scale == 2.0 ** 15 and engine.scaler.state_dict()["growth_tracker"] == 0
     assert all(torch.equal(v, before[k]) for k, v in engine.module.state_dict().items())
     assert all(torch.equal(v, ema_before[k]) for k, v in engine.full_ema_state_dict().items())

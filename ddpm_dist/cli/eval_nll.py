@@ -20,7 +20,7 @@ from ddpm_dist import distributed
 from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
-from ddpm_dist.metrics.stats import all_reduce_sum
+from ddpm_dist.distributed import all_reduce_sum
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
 from ddpm_dist.noise import SampleNoise
 from ddpm_dist.modelio.model_file import weights_sha256

@@ -30,6 +30,7 @@ class MemoryStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batches_per_epoch = per_rank // batch_size
         self.epoch, self.batch = 0, 0
+        self.skipped = 0  # as every stream has: in-memory images are never corrupt
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, Purpose.EPOCH_ORDER))

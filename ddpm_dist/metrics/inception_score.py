@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .stats import all_reduce_sum
+from ddpm_dist.distributed import all_reduce_sum
 
 
 def split_of(indices: torch.Tensor, total: int, splits: int = 10) -> torch.Tensor:

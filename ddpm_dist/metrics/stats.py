@@ -10,17 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from ddpm_dist.distributed import all_reduce_sum
 from ddpm_dist.utils.files import atomic_path
 
-
-def all_reduce_sum(tensors) -> None:
-    """Sum each tensor over all ranks in place; a no-op outside a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for tensor in tensors:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 class FeatureStats:

@@ -43,11 +43,16 @@ class EMA:
         self._shadow_locals = _locals(self.shadow)  # views, made once: the step does no DTensor work
 
     @torch.no_grad()
-    def update(self, local_params: Sequence[torch.Tensor]) -> None:
+    def update(self, local_params: Sequence[torch.Tensor], skip: torch.Tensor | None = None) -> None:
         """One EMA step over what this rank holds of the parameters (`local_views(params)`, made
-        once by the caller); lerp(ema, p, 1 - decay) is the paper's update in one fused kernel."""
+        once by the caller); lerp(ema, p, 1 - decay) is the paper's update in one fused kernel.
+        `skip` (a 0-d device tensor, 1.0 = skip) zeroes the weight without a host sync."""
         src = [p.float() for p in local_params]  # no copy when already fp32
-        torch._foreach_lerp_(self._shadow_locals, src, 1.0 - self.decay)
+        if skip is None:
+            torch._foreach_lerp_(self._shadow_locals, src, 1.0 - self.decay)
+        else:  # one 0-d weight tensor per parameter: a single tensor weight would be read as a scalar
+            weight = (1.0 - skip) * (1.0 - self.decay)
+            torch._foreach_lerp_(self._shadow_locals, src, [weight] * len(src))
 
     @contextlib.contextmanager
     def swap_into(self, params: Sequence[torch.Tensor]) -> Iterator[None]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ddpm_dist.config import ModelConfig
+from ddpm_dist.distributed import all_reduce_sum
 
 # Dense bf16 peak FLOP/s by device name; MFU is reported only where the peak is known.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -66,15 +67,53 @@ def memory_gb(device: torch.device) -> dict:
             "memory/reserved_gb": torch.cuda.memory_reserved(device) / 2**30}
 
 
-def loss_by_quarter(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict:
-    """Mean loss per quarter of the timestep range (this rank's batch)."""
-    quarter = (t * 4 // num_timesteps).clamp(max=3)
-    out = {}
-    for q in range(4):
-        mask = quarter == q
-        if mask.any():
-            out[f"loss_q{q}"] = losses[mask].float().mean().item()
-    return out
+class StepTally:
+    """What the log reports about the steps since the last log, accumulated on the device: a
+    step adds to it without any host read; `read()` all-reduces it and fetches every value in
+    one transfer, once per log interval.
+
+    Summed over ranks: the loss and the loss by quarter of the timestep range. The same on every
+    rank (global decisions): skipped steps, the longest run of non-finite steps, the norm."""
+
+    _SUMMED = 9  # loss sum, then per quarter of t: 4 loss sums, 4 example counts
+
+    def __init__(self, device: torch.device, num_timesteps: int):
+        self.device, self.num_timesteps = device, num_timesteps
+        self._reset()
+
+    def _reset(self) -> None:
+        self.summed = torch.zeros(self._SUMMED, dtype=torch.float64, device=self.device)
+        self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.streak = torch.zeros((), dtype=torch.float64, device=self.device)  # carries over logs
+        self.longest = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.grad_norm = torch.full((), float("nan"), dtype=torch.float64, device=self.device)
+        self.steps = 0
+
+    def add(self, losses: torch.Tensor, t: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
+        losses = losses.double()
+        quarter = (t * 4 // self.num_timesteps).clamp(max=3)
+        by_quarter = torch.zeros(8, dtype=torch.float64, device=self.device)
+        by_quarter.index_add_(0, quarter, losses).index_add_(0, quarter + 4, torch.ones_like(losses))
+        self.summed += torch.cat([losses.mean().reshape(1), by_quarter])
+        bad = (skipped | ~torch.isfinite(grad_norm)).double()
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+        self.skipped += skipped.double()
+        self.grad_norm = grad_norm.double()
+        self.steps += 1
+
+    def read(self, world_size: int) -> dict:
+        """Collective: the interval's scalars as floats; starts the next interval."""
+        all_reduce_sum([self.summed])
+        values = torch.cat([self.summed, torch.stack([self.skipped, self.longest, self.grad_norm])]).tolist()
+        loss_sum, q_sums, q_counts, (skipped, longest, grad_norm) = values[0], values[1:5], values[5:9], values[9:]
+        out = {"loss": loss_sum / (world_size * max(self.steps, 1)), "grad_norm": grad_norm,
+               "skipped_steps": skipped, "nonfinite_run": longest}
+        out.update({f"loss_q{q}": s / c for q, (s, c) in enumerate(zip(q_sums, q_counts)) if c})
+        streak = self.streak
+        self._reset()
+        self.streak = streak
+        return out
 
 
 class MetricsWriter:

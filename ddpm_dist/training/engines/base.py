@@ -28,8 +28,9 @@ DEEPSPEED_TAG = "deepspeed"  # the sub-folder DeepSpeed's own checkpoint format 
 
 @dataclass(frozen=True)
 class StepResult:
-    grad_norm: float  # global norm before clipping (inf/nan when the step was skipped)
-    skipped: bool     # True when gradients were non-finite and the parameters did not move
+    """Device tensors (0-d): reading them is a host sync, so the loop reads them only to log."""
+    grad_norm: torch.Tensor  # global norm before clipping (inf/nan when the step was skipped)
+    skipped: torch.Tensor    # bool: gradients were non-finite and the parameters did not move
 
 
 def checkpoint_format(folder: Path) -> str:
@@ -102,14 +103,16 @@ class Engine:
 class DynamicLossScaler:
     """fp16 loss scaling with torch.amp.GradScaler's constants. Our own because the skip decision
     must come from the *global* gradient norm: under FSDP2 each rank sees only its shard, and
-    GradScaler's per-rank inf check would let ranks disagree on whether to step."""
+    GradScaler's per-rank inf check would let ranks disagree on whether to step. The scale and
+    the clean-step count live on the device and are updated there: no host sync per step."""
 
     def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, device="cpu"):
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
+        self.scale = torch.tensor(init_scale if enabled else 1.0, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.tensor(0, dtype=torch.int32, device=device)
         self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
-        self.growth_interval, self.growth_tracker = growth_interval, 0
+        self.growth_interval = growth_interval
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale if self.enabled else loss
@@ -118,28 +121,20 @@ class DynamicLossScaler:
     def unscale_(self, params: list[nn.Parameter]) -> None:
         grads = [p.grad for p in params if p.grad is not None]
         if self.enabled and grads:
-            torch._foreach_mul_(grads, 1.0 / self.scale)
+            torch._foreach_mul_(grads, self.scale.reciprocal())
 
-    def update(self, finite: bool) -> None:
+    def update(self, found_inf: torch.Tensor) -> None:
         """Back off after an overflow; grow after `growth_interval` clean steps in a row."""
-        if not self.enabled:
-            return
-        if not finite:
-            self.scale *= self.backoff_factor
-            self.growth_tracker = 0
-        else:
-            self.growth_tracker += 1
-            if self.growth_tracker == self.growth_interval:
-                self.scale *= self.growth_factor
-                self.growth_tracker = 0
+        if self.enabled:
+            torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf, self.growth_factor,
+                                     self.backoff_factor, self.growth_interval)
 
     def state_dict(self) -> dict:
-        return {"scale": torch.tensor(self.scale, dtype=torch.float64),
-                "growth_tracker": torch.tensor(self.growth_tracker, dtype=torch.int64)}
+        return {"scale": self.scale.to("cpu", torch.float64), "growth_tracker": self.growth_tracker.to("cpu", torch.int64)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale = float(state["scale"])
-        self.growth_tracker = int(state["growth_tracker"])
+        self.scale.copy_(state["scale"])
+        self.growth_tracker.copy_(state["growth_tracker"])
 
 
 def autocast_context(device: torch.device, precision: str) -> ContextManager:

@@ -99,13 +99,14 @@ class DeepSpeedEngine(Engine):
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        # fp16: DeepSpeed's scaler skips overflowing steps. bf16/fp32: it does not check, so a
-        # non-finite norm is reported as not skipped; the loop's NaN guard stops the run.
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        # fp16: DeepSpeed's scaler skips overflowing steps (it reads the overflow flag on the
+        # host itself). bf16/fp32: it does not check, so a non-finite norm is reported as not
+        # skipped; the loop's guard counts non-finite norms and stops the run.
         skipped = self.model.skipped_steps > skipped_before
         if not skipped:
             self.ema.update(local_views(self.local_params()))
-        return StepResult(grad_norm=norm, skipped=skipped)
+        return StepResult(grad_norm=norm, skipped=torch.tensor(skipped))
 
     def save(self, folder: Path) -> None:
         """DeepSpeed's checkpoint plus one EMA file per rank (ZeRO-3 EMA is partitioned)."""

@@ -4,7 +4,6 @@ scaler, the EMA and the DCP-ready state dict; only wrapping and gradient sync di
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -19,12 +18,12 @@ from ddpm_dist.training.ema import EMA, local_views
 from .base import DTYPES, DynamicLossScaler, Engine, StepResult, autocast_context
 
 
-def make_adam(cfg: Config, params: list[nn.Parameter], device: torch.device) -> torch.optim.Adam:
-    """The paper's Adam: no weight decay. Fused kernels on CUDA, foreach elsewhere."""
+def make_adam(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Adam:
+    """The paper's Adam: no weight decay. The fused kernel (CUDA and CPU): one launch for all
+    tensors, and it takes `found_inf`, so a non-finite step is skipped on the device."""
     o = cfg.optim
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=0.0, **fast)
+                            weight_decay=0.0, fused=True)
 
 
 class TorchEngine(Engine):
@@ -36,8 +35,8 @@ class TorchEngine(Engine):
         self.cfg, self.module, self.device, self.info = cfg, module, device, info
         self.model = self._wrap(module)
         self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters()])
-        self.optimizer = make_adam(cfg, list(self.params), device)
-        self.scaler = DynamicLossScaler(enabled=cfg.train.precision == "fp16")
+        self.optimizer = make_adam(cfg, list(self.params))
+        self.scaler = DynamicLossScaler(enabled=cfg.train.precision == "fp16", device=device)
         self.ema = EMA(self.params, cfg.train.ema_decay, names=self.names)
         self._param_views = local_views(self.params)
 
@@ -54,26 +53,26 @@ class TorchEngine(Engine):
         self._set_grad_sync(sync)
         self.scaler.scale_loss(loss).backward()
 
-    def _global_grad_norm(self) -> float:
+    def _global_grad_norm(self) -> torch.Tensor:
         """Clip to cfg.optim.grad_clip and return the norm before clipping, over all shards."""
         norm = nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return float(norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def step(self, lr: float) -> StepResult:
+        """Everything is decided on the device, without reading a value back to the host: the
+        skip flag (a non-finite global norm, the same on every rank) goes to fused Adam as
+        `found_inf`, to the loss scaler and to the EMA weight."""
         self.scaler.unscale_(self.params)
         norm = self._global_grad_norm()
-        finite = math.isfinite(norm)  # the same on every rank: the norm is all-reduced
-        if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-        self.scaler.update(finite)
+        found_inf = (~torch.isfinite(norm)).to(torch.float32)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.found_inf = found_inf  # fused Adam leaves params, moments and step alone
+        self.optimizer.step()
+        self.scaler.update(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
-        if finite:  # a skipped step leaves the weights, so the EMA stays too
-            self.ema.update(self._param_views)
-        return StepResult(grad_norm=norm, skipped=not finite)
+        self.ema.update(self._param_views, skip=found_inf)  # a skipped step leaves the EMA too
+        return StepResult(grad_norm=norm, skipped=found_inf.bool())
 
     def local_params(self) -> list[torch.Tensor]:
         return list(self.params)  # the EMA takes DTensor shards' local parts itself
