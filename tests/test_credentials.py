@@ -15,12 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzEXAMPLEKEY"
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _run(*cmd, env=ENV) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+def _run(*cmd) -> subprocess.CompletedProcess:
+    """The environment as it is now: the s3_server fixture exports the AWS_* variables."""
+    return subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
 
 
 def _files_holding(folder: Path, secret: str) -> list[Path]:
@@ -76,20 +76,19 @@ def test_credentials_from_the_environment_are_not_written_by_a_run(s3_server, tm
     environment: the secret is in no file of the run and in nothing the processes print."""
     import uuid
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
-    env = dict(ENV)
     url = f"s3://{s3_server['bucket']}/creds-{uuid.uuid4().hex[:8]}/"
     shards = _run("tools/make_shards.py", "--source", "digits", "--resolution", "8", "--max-samples", "900",
-                  "--workers", "1", "--no-progress", "--out", url, "--s3-endpoint", s3_server["endpoint"], env=env)
+                  "--workers", "1", "--no-progress", "--out", url, "--s3-endpoint", s3_server["endpoint"])
     assert shards.returncode == 0, shards.stderr[-2000:]
     run = tmp_path / "run"
     train = _run("-m", "ddpm_dist.train", "--config", "configs/demo_digits.yaml", f"out_dir={run}",
                  f"data.source={url}", f"data.s3_endpoint={s3_server['endpoint']}", "device=cpu",
                  "train.total_steps=2", "train.ckpt_every=1", "train.sample_every=1000", "train.batch_size=4",
                  "train.num_samples=4", "model.resolution=8", "model.ch_mult=[1,2]", "model.attn_resolutions=[]",
-                 "diffusion.num_timesteps=10", env=env)
+                 "diffusion.num_timesteps=10")
     assert train.returncode == 0, train.stderr[-2000:]
     sample = _run("tools/fid_sample.py", "--ckpt", run, "--num-samples", 2, "--batch-size", 2, "--out",
-                  tmp_path / "samples", "--device", "cpu", env=env)
+                  tmp_path / "samples", "--device", "cpu")
     assert sample.returncode == 0, sample.stderr[-2000:]
     assert url.split("/")[3] in (run / "config.yaml").read_text()  # the run did record its data
     printed = "".join(p.stdout + p.stderr for p in (shards, train, sample))
