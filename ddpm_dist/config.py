@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ddpm_dist.utils.files import atomic_write
+from ddpm_dist.utils.urls import credentials_error
 
 
 class ConfigError(ValueError):
@@ -199,33 +200,69 @@ def _set_override(data: dict, item: str) -> None:
     node[leaf] = value
 
 
-def validate(cfg: Config) -> Config:
+def _check_choices(cfg: Config) -> None:
     flat = config_to_dict(cfg)
     for key, allowed in CHOICES.items():
         section, _, name = key.rpartition(".")
         value = flat[section][name] if section else flat[name]
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    t = cfg.train
+    micro = 1 if t.micro_batch_size is None else t.micro_batch_size
     positive = {"model.ch": cfg.model.ch, "model.num_res_blocks": cfg.model.num_res_blocks,
                 "model.resolution": cfg.model.resolution, "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
-                "train.batch_size": cfg.train.batch_size, "train.total_steps": cfg.train.total_steps,
-                "optim.lr": cfg.optim.lr}
+                "train.batch_size": t.batch_size, "train.total_steps": t.total_steps, "optim.lr": cfg.optim.lr,
+                "train.log_every": t.log_every, "train.sample_every": t.sample_every,
+                "train.ckpt_every": t.ckpt_every, "train.micro_batch_size": micro}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    if t.collective_timeout <= 0:
+        raise ConfigError(f"train.collective_timeout: must be positive (seconds), got {t.collective_timeout}")
+    at_least_0 = {"data.retries": cfg.data.retries, "data.num_workers": cfg.data.num_workers,
+                  "data.retry_wait": cfg.data.retry_wait, "train.hang_timeout": t.hang_timeout}
+    for key, value in at_least_0.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
+    if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
+        # every world size W needs batch_size % (micro_batch_size * W) == 0 (checked at start)
+        raise ConfigError(f"train.micro_batch_size: {t.micro_batch_size} does not divide "
+                          f"train.batch_size={t.batch_size}")
+
+
+def _check_urls(cfg: Config) -> None:
+    """URLs are saved with the run and show in errors: no credentials inside them."""
+    for key, url in (("data.source", cfg.data.source), ("data.s3_endpoint", cfg.data.s3_endpoint)):
+        message = credentials_error(url, key)
+        if message:
+            raise ConfigError(message)
+
+
+def _check_model(cfg: Config) -> None:
     if cfg.model.ch % 32:
         raise ConfigError(f"model.ch: must be a multiple of 32 (GroupNorm has 32 groups), got {cfg.model.ch}")
     if cfg.model.resolution % 2 ** (len(cfg.model.ch_mult) - 1):
         raise ConfigError(f"model.resolution: {cfg.model.resolution} is not divisible by "
                           f"2^{len(cfg.model.ch_mult) - 1} (one halving per extra ch_mult level)")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    levels = [cfg.model.resolution // 2 ** k for k in range(len(cfg.model.ch_mult))]
+    for res in cfg.model.attn_resolutions:
+        if res not in levels:
+            raise ConfigError(f"model.attn_resolutions: {res} is not a resolution of the U-Net "
+                              f"({', '.join(map(str, levels))}); attention there would never run")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
-    if cfg.train.collective_timeout <= 0:
-        raise ConfigError(f"train.collective_timeout: must be positive (seconds), got {cfg.train.collective_timeout}")
-    if cfg.train.hang_timeout < 0:
-        raise ConfigError(f"train.hang_timeout: must be >= 0 (seconds, 0 = off), got {cfg.train.hang_timeout}")
+
+
+def validate(cfg: Config) -> Config:
+    _check_urls(cfg)  # first: no later message may quote a URL with credentials
+    _check_choices(cfg)
+    _check_ranges(cfg)
+    _check_model(cfg)
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     return cfg
 
 
@@ -237,11 +274,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if data is None:
+            raise ConfigError(f"config file {path} is empty (start from one in configs/)")
     for item in overrides:
         _set_override(data, item)
     _drop_retired(data)

@@ -113,12 +113,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class DeviceError(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
 def _pick_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu")
+            raise DeviceError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)

@@ -26,6 +26,7 @@ import torch
 
 from ddpm_dist.utils.seeds import derive_seed
 
+NOISE = "philox4x32-10+box-muller"  # recorded in sample manifests: other noise, other images
 MASK = 0xFFFFFFFF
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)   # round multipliers
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)   # key increments per round (Weyl sequence)

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg)
-    except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
+    except (ConfigError, distributed.DeviceError, CheckpointError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

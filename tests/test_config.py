@@ -81,3 +81,76 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model:\n  ch: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.ckpt_every=0"], "train.ckpt_every: must be positive, got 0"),
+    (["train.log_every=0"], "train.log_every: must be positive, got 0"),
+    (["train.sample_every=-5"], "train.sample_every: must be positive, got -5"),
+    (["data.retries=-1"], "data.retries: must be 0 or more, got -1"),
+    (["data.num_workers=-2"], "data.num_workers: must be 0 or more, got -2"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size: must be positive, got 0"),
+    (["train.micro_batch_size=48"], "train.micro_batch_size: 48 does not divide train.batch_size=128"),
+    (["model.attn_resolutions=[16,12]"], "model.attn_resolutions: 12 is not a resolution of the U-Net (32, 16, 8, 4)"),
+    (["model.attn_resolutions=[64]"], "model.attn_resolutions: 64 is not a resolution of the U-Net (32, 16, 8, 4)"),
+])
+def test_every_setting_is_validated(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/cifar10.yaml", overrides)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(message), text
+
+
+def test_an_empty_config_file_is_an_error(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml is empty"):
+        load_config(empty)
+
+
+def test_a_micro_batch_that_does_not_fit_the_world_size_is_a_config_error():
+    from ddpm_dist.training.engines import batch_split
+    cfg = load_config("configs/cifar10.yaml", ["train.batch_size=4", "train.micro_batch_size=4"])
+    assert batch_split(cfg, 1) == (4, 1)
+    with pytest.raises(ConfigError, match="^train.batch_size=4 is not a multiple of"):
+        batch_split(cfg, 2)
+
+
+def _train(tmp_path, *args, config="configs/demo_digits.yaml"):
+    import os
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "-m", "ddpm_dist.train", "--config", str(config), f"out_dir={tmp_path / 'run'}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # no GPU in any case
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.ckpt_every=0"], "train.ckpt_every: must be positive"),
+    (["train.micro_batch_size=5"], "train.micro_batch_size: 5 does not divide train.batch_size=32"),
+    (["model.attn_resolutions=[6]"], "model.attn_resolutions: 6 is not a resolution of the U-Net"),
+    (["device=cuda"], "device=cuda but no CUDA device is visible"),
+    ("empty", "is empty"),
+])
+def test_train_stops_with_one_line_and_status_2(tmp_path, args, message):
+    if args == "empty":
+        (tmp_path / "empty.yaml").write_text("")
+        proc, seconds = _train(tmp_path, config=tmp_path / "empty.yaml")
+    else:
+        proc, seconds = _train(tmp_path, *args)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in err and err.startswith("error: ") and message in err, err
+    assert seconds < 60  # generous: the check runs before any model or data is built (~3 s)
+
+
+def test_an_out_path_in_a_missing_folder_is_created(tmp_path):
+    from ddpm_dist.config import Config, ModelConfig
+    from ddpm_dist.modelio.factory import build_model
+    from ddpm_dist.modelio.model_file import load_model_file, save_model_file
+    cfg = Config(model=ModelConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), resolution=8))
+    path = tmp_path / "not" / "yet" / "model.safetensors"  # tools/export.py, convert_diffusers.py --out
+    save_model_file(path, build_model(cfg.model).state_dict(), cfg)
+    assert load_model_file(path)[0].resolution == 8

@@ -5,8 +5,10 @@ import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 import tarfile
 from pathlib import Path
 
@@ -139,3 +141,120 @@ def test_importing_the_data_modules_does_not_import_webdataset():
             "assert 'webdataset' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def test_a_killed_encoding_worker_is_an_error_not_a_hang(tmp_path):
+    unique_image_folder(tmp_path / "imgs", 40)
+    os.mkfifo(tmp_path / "imgs" / "blocked.png")  # a worker that opens it waits for a writer forever
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--no-progress", "--source", "folder",
+           "--input", str(tmp_path / "imgs"), "--out", str(out), "--resolution", "8", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("make_shards hangs after one of its workers was killed")
+    finally:
+        if proc.poll() is None:
+            for pid in [*_children(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("error:") and "worker" in last, err
+    assert "Traceback" not in err
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files
+
+
+class CountingSource:
+    """Images that count how often they were loaded, over processes."""
+
+    def __init__(self, n: int):
+        import multiprocessing
+        self.n, self.loads = n, multiprocessing.get_context("fork").Value("i", 0)
+
+    def ids(self):
+        return [str(i) for i in range(self.n)]
+
+    def load(self, sid):
+        with self.loads.get_lock():
+            self.loads.value += 1
+        return Image.new("RGB", (8, 8), (int(sid) % 256, 0, 0))
+
+
+def test_encoding_reads_ahead_a_bounded_number_of_samples():
+    from ddpm_dist.data import convert
+    source = CountingSource(4000)
+    convert._JOB.update(source=source, options={"resolution": 8, "fmt": "png", "quality": 95})
+    stream = convert._encoded([(i, str(i)) for i in range(4000)], workers=2)
+    next(stream)
+    time.sleep(3)  # an unbounded pool encodes all 4000 in far less
+    assert source.loads.value <= 1000
+    stream.close()
+
+
+def test_shards_are_0644_whatever_the_umask_and_stale_temp_files_go(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".shard-000000.tar.tmp99999999"
+    stale.write_bytes(b"left by a killed run")
+    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--no-progress", "--source", "digits",
+           "--resolution", "8", "--max-samples", "1000", "--workers", "1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(0o077))
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == \
+        {"shard-000000.tar": 0o644, "shard-000001.tar": 0o644, "index.json": 0o644}
+
+
+def _lsun_without_data(tmp_path) -> list[str]:
+    (tmp_path / "x_lmdb").mkdir()
+    return ["--source", "lsun", "--input", str(tmp_path / "x_lmdb")]
+
+
+def _empty_folder(tmp_path) -> list[str]:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    return ["--source", "folder", "--input", str(tmp_path / "empty")]
+
+
+@pytest.mark.parametrize("case, expected", [
+    (lambda t: ["--source", "digits", "--max-samples", "0"], "--max-samples"),
+    (lambda t: ["--source", "digits", "--max-bytes", "0"], "--max-bytes"),
+    (lambda t: ["--source", "digits", "--workers", "-1"], "--workers"),
+    (_empty_folder, "no images"),
+    (lambda t: ["--source", "folder", "--input", str(t / "missing")], "missing"),
+    (lambda t: ["--source", "folder"], "--input"),
+    (lambda t: ["--source", "cifar10", "--input", str(t)], "data_batch"),
+    (_lsun_without_data, "data.mdb"),
+])
+def test_bad_input_is_one_line(tmp_path, case, expected):
+    r = make_shards(*case(tmp_path), "--out", str(tmp_path / "out"))
+    err = r.stderr.strip()
+    assert r.returncode != 0 and "\n" not in err and err.startswith("error:") and expected in err, err
+
+
+def test_symlinks_out_of_the_input_folder_are_refused(tmp_path):
+    unique_image_folder(tmp_path / "imgs", 4)
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    (tmp_path / "imgs" / "inside.png").symlink_to(tmp_path / "imgs" / "a" / "img0.png")
+    args = ["--source", "folder", "--input", str(tmp_path / "imgs"), "--resolution", "8", "--workers", "1"]
+    assert make_shards(*args, "--out", str(tmp_path / "ok")).returncode == 0  # a link inside is fine
+    (tmp_path / "imgs" / "leak.png").symlink_to(tmp_path / "secret.png")
+    r = make_shards(*args, "--out", str(tmp_path / "out"))
+    err = r.stderr.strip()
+    assert r.returncode != 0 and "\n" not in err and "leak.png" in err and "outside" in err, err
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_help_says_cifar10_input_is_pickle():
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "pickle" in r.stdout and "trust" in r.stdout

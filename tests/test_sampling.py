@@ -301,3 +301,90 @@ def test_a_training_checkpoint_folder_samples_and_a_wrong_config_is_one_line(tmp
                  *common, check=False)
     last = proc.stderr.strip().splitlines()[-1]  # torch's DCP may warn on lines before it
     assert proc.returncode != 0 and last.startswith("fid_sample.py: error:") and "does not fit" in last
+
+
+def _other_model(tmp_path) -> Path:
+    """The tiny model's architecture with other weights."""
+    cfg = _tiny_config()
+    torch.manual_seed(1)
+    path = tmp_path / "other.safetensors"
+    save_model_file(path, build_model(cfg.model).state_dict(), cfg)
+    return path
+
+
+def test_a_rerun_with_other_settings_is_refused_and_overwrite_resamples(model_file, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["sampler"] == "ddpm" and len(manifest["weights_sha256"]) == 64
+    before = _pngs(out)
+    for extra, field in (([], "weights_sha256"), (["--sampler", "ddim", "--steps", 5], "sampler")):
+        ckpt = _other_model(tmp_path) if field == "weights_sha256" else model_file
+        proc = _tool("fid_sample.py", "--ckpt", ckpt, "--num-samples", N, "--out", out, "--seed", 7,
+                     "--device", "cpu", *extra, check=False)
+        err = proc.stderr.strip()
+        assert proc.returncode != 0 and "\n" not in err and "Traceback" not in err, err
+        assert field in err and "--overwrite" in err and "--out" in err, err
+        assert _pngs(out) == before
+    _sample(model_file, out, "--sampler", "ddim", "--steps", 5, "--overwrite")
+    after = _pngs(out)
+    assert len(after) == N and after != before
+    assert json.loads((out / "manifest.json").read_text())["sampler"] == "ddim"
+    assert json.loads((out / "result.json").read_text())["runs"][0]["generated"] == N
+
+
+def test_a_larger_n_extends_a_run_and_a_smaller_n_reuses_it(model_file, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    argv = ["--ckpt", model_file, "--out", out, "--seed", 7, "--device", "cpu"]
+    assert _tool_main("fid_sample.py")([str(a) for a in [*argv, "--num-samples", N - 2]]) == 0
+    assert json.loads((out / "result.json").read_text())["runs"][0]["generated"] == 0
+    assert _tool_main("fid_sample.py")([str(a) for a in [*argv, "--num-samples", N + 1]]) == 0
+    assert json.loads((out / "result.json").read_text())["runs"][0]["generated"] == 1
+
+
+def test_a_broken_png_is_regenerated(model_file, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    sample_path(out, 3).write_bytes(b"")                                   # a 0-byte file
+    sample_path(out, 5).write_bytes(sample_path(out, 5).read_bytes()[:40])  # truncated
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(sample_path(out, 7))                      # the wrong size
+    _sample_here(model_file, out)
+    assert _pngs(out) == _pngs(reference)
+    assert json.loads((out / "result.json").read_text())["runs"][0]["generated"] == 3
+
+
+def _png_folder(out: Path, n: int, res: int) -> np.ndarray:
+    from ddpm_dist.images import save_png
+    images = np.random.default_rng(0).integers(0, 256, (n, res, res, 3), dtype=np.uint8)
+    for i in range(n):
+        path = sample_path(out, i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(torch.from_numpy(images[i]).permute(2, 0, 1), path)
+    return images
+
+
+def test_the_npz_merge_streams_instead_of_holding_all_samples(tmp_path):
+    import tracemalloc
+    from ddpm_dist.evaluation.generate import merge_npz
+    n, res = 300, 64
+    images = _png_folder(tmp_path, n, res)
+    tracemalloc.start()
+    try:
+        path = merge_npz(tmp_path, n)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < images.nbytes / 4, f"peak {peak} B for {images.nbytes} B of samples"
+    with np.load(path) as npz:
+        np.testing.assert_array_equal(npz["arr_0"], images)
+
+
+def test_a_failed_npz_merge_leaves_no_file(tmp_path):
+    from ddpm_dist.evaluation.generate import merge_npz, npz_path
+    _png_folder(tmp_path, 5, 8)
+    sample_path(tmp_path, 3).unlink()
+    with pytest.raises(FileNotFoundError):
+        merge_npz(tmp_path, 5)
+    assert not npz_path(tmp_path, 5, 8, 8).exists() and not list(tmp_path.glob(".*"))

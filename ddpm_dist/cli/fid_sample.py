@@ -4,11 +4,14 @@
 
 Sample i is drawn from the noise stream keyed by (seed, i) (ddpm_dist/noise.py:
 `SampleNoise`), so W = 1 and W = 64 write the same `DIR/{i//1000*1000:06d}/{i:06d}.png`;
-a rerun skips finished samples. The run ends with `DIR/samples_{N}x{H}x{W}x3.npz` and
-`DIR/result.json` (N, seed, sampler, steps, weights hash; FID/IS and the Inception pipeline
-when scoring, plus the samples' `inception_stats.npz`). Scoring is on with
---ref-stats, --inception-weights or --score. `--seeds 3` samples seeds S, S+1, S+2 (disjoint:
-noise keys mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample std (ddof=1).
+a rerun skips finished samples and resamples broken PNGs. `DIR/manifest.json` records the
+weights hash, sampler, steps, eta, bf16, seed and noise generator: a rerun into DIR with other
+ones stops with one line unless --overwrite (which deletes DIR's samples first). The run ends
+with `DIR/samples_{N}x{H}x{W}x3.npz` and `DIR/result.json` (N, seed, sampler, steps, weights
+hash; FID/IS and the Inception pipeline when scoring, plus the samples' `inception_stats.npz`).
+Scoring is on with --ref-stats, --inception-weights or --score. `--seeds 3` samples seeds S,
+S+1, S+2 (disjoint: noise keys mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample
+std (ddof=1).
 Launch: inside torchrun/srun the ranks exist already; else `--launcher local` spawns W
 processes here and `--launcher slurm` submits W tasks with submitit.
 """
@@ -25,7 +28,7 @@ from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
-from ddpm_dist.evaluation.generate import SampleJob, auto_batch_size, generate
+from ddpm_dist.evaluation.generate import SampleJob, auto_batch_size, check_output, generate
 from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace
@@ -56,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="samples per model call per rank, or auto: on a GPU the largest power of two ≤ 1024 "
                         "whose step fits in 80%% of free memory, on a CPU 64")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the samples in --out first, even if other settings made them")
     p.add_argument("--score", action="store_true", help="Inception Score (and FID with --ref-stats)")
     p.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid Inception state dict")
     p.add_argument("--ref-stats", metavar="NPZ", help="reference mu/sigma (tools/fid_stats.py)")
@@ -94,6 +99,16 @@ def summary(args, sha, runs: list[dict]) -> dict:
     return out
 
 
+def sample_jobs(args, sha: str, batch: int) -> list[SampleJob]:
+    """One job per seed: DIR itself, or DIR/seed_<s>/ with --seeds > 1."""
+    jobs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        out = Path(args.out) if args.seeds == 1 else Path(args.out) / f"seed_{seed}"
+        jobs.append(SampleJob(str(out), args.num_samples, seed, batch, args.sampler, args.steps,
+                              args.eta, args.bf16, weights_sha256=sha, overwrite=args.overwrite))
+    return jobs
+
+
 def run_rank(args) -> dict | None:
     """One rank's work; rank 0 returns the result."""
     model, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
@@ -105,9 +120,8 @@ def run_rank(args) -> dict | None:
         batch = auto_batch_size(sampler, info.device) if args.batch_size == "auto" else args.batch_size
         inception, ref = load_scoring(args, info.device) if args.score else (None, None)
         runs = []
-        for seed in range(args.seed, args.seed + args.seeds):
-            out = Path(args.out) if args.seeds == 1 else Path(args.out) / f"seed_{seed}"
-            job = SampleJob(str(out), args.num_samples, seed, batch, args.sampler, args.steps, args.eta, args.bf16)
+        for job in sample_jobs(args, sha, batch):
+            out, seed = Path(job.out), job.seed
             score = InceptionStatistics(inception, args.num_samples, info.device, splits=10) if args.score else None
             run = {"seed": seed, "out": str(out), "world_size": info.world_size, "batch_size": batch,
                    **generate(job, sampler, info, score)}
@@ -121,8 +135,10 @@ def run_rank(args) -> dict | None:
 
 def preflight(args) -> None:
     """Fail before starting ranks: the model loads, the scoring files exist."""
-    _, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
+    model, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
     respace(diffusion, args.steps)  # checks --steps
+    for job in sample_jobs(args, weights_sha256(model.state_dict()), batch=1):  # not in the manifest
+        check_output(job.out, job)
     for flag, path in (("--ref-stats", args.ref_stats), ("--inception-weights", args.inception_weights)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist")

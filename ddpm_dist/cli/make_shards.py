@@ -7,6 +7,8 @@
 
 S3 endpoint and credentials come from the AWS environment (AWS_ENDPOINT_URL, ...) or
 --s3-endpoint. A rerun with the same options skips shards already written and verified.
+CIFAR-10's python batches are pickle files, and loading a pickle can run code: convert only
+a download you trust (check the archive's md5 against the CIFAR-10 page).
 """
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ import sys
 from ddpm_dist.data.convert import make_shards
 from ddpm_dist.data.fs import DataError
 from ddpm_dist.data.sources import open_source
+from ddpm_dist.utils.urls import credentials_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="cifar10: the python batches are pickle files; loading a pickle "
+                                       "can run code, so convert only a download you trust.")
     p.add_argument("--source", required=True, choices=["folder", "cifar10", "lsun", "digits"])
     p.add_argument("--input", help="folder / cifar-10-batches-py / *_lmdb folder")
     p.add_argument("--out", required=True, help="local folder or s3://bucket/prefix/")
@@ -38,18 +43,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+def check_args(args) -> None:
+    """Raise ValueError (one line) for settings no run can use."""
+    for flag, url in (("--out", args.out), ("--s3-endpoint", args.s3_endpoint)):
+        message = credentials_error(url, flag)
+        if message:
+            raise ValueError(message)
+    for flag, value, least in (("--max-samples", args.max_samples, 1), ("--max-bytes", args.max_bytes, 1),
+                               ("--workers", args.workers, 0), ("--resolution", args.resolution or 1, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality must be in 1..100, got {args.quality}")
+
+
+def convert(args) -> dict:
     source = open_source(args.source, args.input, args.resolution)
     params = {"source": args.source, "input": os.path.basename(os.path.normpath(args.input or "")),
               "resolution": args.resolution or _native_resolution(source), "format": args.format,
               "quality": args.quality, "seed": args.seed}
+    return make_shards(source, args.out, params=params, max_samples=args.max_samples,
+                       max_bytes=args.max_bytes, workers=args.workers,
+                       endpoint=args.s3_endpoint, progress=not args.no_progress)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        index = make_shards(source, args.out, params=params, max_samples=args.max_samples,
-                            max_bytes=args.max_bytes, workers=args.workers,
-                            endpoint=args.s3_endpoint, progress=not args.no_progress)
-    except DataError as exc:
+        check_args(args)
+        index = convert(args)
+    except (DataError, ValueError, OSError) as exc:  # missing input, bad setting, unwritable --out
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out}")
@@ -58,9 +82,12 @@ def main(argv=None) -> int:
 
 def _native_resolution(source) -> int:
     """Without --resolution the images keep their size; index.json records the first one's."""
-    w, h = source.load(source.ids()[0]).size
+    ids = source.ids()
+    if not ids:
+        raise ValueError("the source holds no images")
+    w, h = source.load(ids[0]).size
     if w != h:
-        raise SystemExit("error: images are not square; pass --resolution")
+        raise ValueError("images are not square; pass --resolution")
     return w
 
 

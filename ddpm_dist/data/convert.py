@@ -1,7 +1,9 @@
 """Converting a source into shards + index.json (the library behind tools/make_shards.py).
 
-Samples are shuffled once with a seed, encoded in worker processes, packed into shards in
-order, and each shard is written whole (temp file + rename, or one S3 PUT). index.json is
+Samples are shuffled once with a seed, encoded in worker processes (at most READ_AHEAD chunks
+per worker in flight, so memory stays bounded; a worker that dies stops the run with a
+DataError), packed into shards in order, and each shard is written whole (fsynced temp file +
+rename, mode 0644, or one S3 PUT). index.json is
 rewritten after every shard with `complete: false`, and with `complete: true` at the end, so
 an interrupted run can be resumed: a rerun with the same parameters keeps the shards that
 exist with the recorded checksum and re-encodes only from the first missing or bad one.
@@ -11,7 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +26,8 @@ from ddpm_dist.data.shards import encode, pack, sha256, shard_members, tar_bytes
 
 log = logging.getLogger(__name__)
 _JOB: dict = {}  # the source and encoding options, inherited by forked workers
+CHUNK = 32       # samples per task sent to a worker
+READ_AHEAD = 4   # tasks in flight per worker
 
 
 def _encode_one(item: tuple[int, str]) -> tuple[str, str, bytes]:
@@ -29,12 +36,35 @@ def _encode_one(item: tuple[int, str]) -> tuple[str, str, bytes]:
     return f"{pos:09d}", sid, encode(img, **_JOB["options"])
 
 
+def _encode_chunk(items: list[tuple[int, str]]) -> list[tuple[str, str, bytes]]:
+    return [_encode_one(item) for item in items]
+
+
+def _chunk_result(future: Future) -> list[tuple[str, str, bytes]]:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise fs.DataError("an encoding worker process died (killed, or out of memory?); "
+                           "rerun the same command to resume from the last written shard") from None
+
+
 def _encoded(items: list[tuple[int, str]], workers: int) -> Iterator[tuple[str, str, bytes]]:
+    """Encoded samples in the order of `items`; with workers > 1 from forked processes, at most
+    workers * READ_AHEAD chunks ahead of the consumer."""
     if workers <= 1:
         yield from map(_encode_one, items)
         return
-    with mp.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(_encode_one, items, chunksize=32)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    pending: deque[Future] = deque()
+    try:
+        for k in range(0, len(items), CHUNK):
+            pending.append(pool.submit(_encode_chunk, items[k:k + CHUNK]))
+            if len(pending) >= workers * READ_AHEAD:
+                yield from _chunk_result(pending.popleft())
+        while pending:
+            yield from _chunk_result(pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _verified_prefix(out: str, params: dict, endpoint: str | None) -> list[dict]:
@@ -76,6 +106,7 @@ def make_shards(source, out: str, *, params: dict, max_samples: int = 1000,
     ids = source.ids()
     if not ids:
         raise ValueError("the source holds no images")
+    fs.remove_temp_files(out)
     order = np.random.default_rng(params["seed"]).permutation(len(ids))
     shards = _verified_prefix(out, params, endpoint)
     start = sum(s["samples"] for s in shards)

@@ -20,7 +20,7 @@ import time
 
 import fsspec
 
-from ddpm_dist.utils.files import atomic_write
+from ddpm_dist.utils.files import atomic_path, is_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,25 @@ def read_bytes(url: str, *, endpoint: str | None = None, retries: int = 5, wait:
 
 
 def write_bytes(url: str, data: bytes, *, endpoint: str | None = None) -> None:
-    """Atomic write: a local temp file renamed into place, or uploaded whole to S3."""
+    """Atomic write: a local temp file, fsynced, mode 0644 (readable by the training jobs of
+    other users whatever the umask), renamed into place; or uploaded whole to S3."""
     fs, path = filesystem(url, endpoint)
     if url.startswith("s3://"):
         fs.pipe_file(path, data)  # an S3 PUT is atomic: readers see the old object or the new
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, data)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+
+
+def remove_temp_files(url: str) -> None:
+    """Delete the temp files a killed writer left in a local folder (S3 has none)."""
+    if url.startswith("s3://") or not os.path.isdir(url):
+        return
+    for name in os.listdir(url):
+        if is_temp_file(name):
+            os.unlink(os.path.join(url, name))
 
 
 def exists(url: str, *, endpoint: str | None = None) -> bool:

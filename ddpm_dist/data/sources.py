@@ -19,7 +19,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 class FolderSource:
-    """Every png/jpg/webp under a folder, recursively; ids are relative paths."""
+    """Every png/jpg/webp under a folder, recursively; ids are relative paths. A symlink whose
+    target lies outside the folder is refused: shards hold only what the folder holds."""
 
     def __init__(self, root: str):
         self.root = Path(root)
@@ -27,7 +28,12 @@ class FolderSource:
             raise FileNotFoundError(f"{root}: not a folder")
 
     def ids(self) -> list[str]:
-        paths = (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = [p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        inside = self.root.resolve()
+        for p in paths:
+            if not p.resolve().is_relative_to(inside):
+                raise ValueError(f"{p}: a symlink to {p.resolve()}, outside {self.root}; "
+                                 f"copy the file into the folder instead")
         return sorted(str(p.relative_to(self.root)) for p in paths)
 
     def load(self, sid: str) -> Image.Image:
@@ -36,7 +42,8 @@ class FolderSource:
 
 
 class Cifar10Source:
-    """The training set of the CIFAR-10 python version: data_batch_1..5 (pickled dicts)."""
+    """The training set of the CIFAR-10 python version: data_batch_1..5 (pickled dicts).
+    The format is pickle, and unpickling a file can run code: convert only a download you trust."""
 
     def __init__(self, root: str):
         files = sorted(Path(root).glob("data_batch_*"))

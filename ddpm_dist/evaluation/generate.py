@@ -3,15 +3,22 @@
 Sample i comes from the noise stream keyed by (seed, i) (`noise.SampleNoise`), so the
 images do not depend on the world size, the batch size or which samples a rerun skips. Each
 is written atomically as `DIR/{i - i % 1000:06d}/{i:06d}.png`; a rerun keeps the finished
-ones and splits only the missing indices over the ranks (strided, so work stays even). At the
-end rank 0 merges an ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order).
+ones and splits only the missing indices over the ranks (strided, so work stays even). A PNG
+that does not decode to the sample shape is deleted and sampled again. `DIR/manifest.json`
+(weights hash, sampler, steps, eta, bf16, seed) is written before the first PNG: a rerun with
+other settings is refused instead of mixing two models' samples. At the end rank 0 streams an
+ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order) to disk.
 Optionally each rank streams Inception statistics of its samples (`InceptionStatistics`); the
 float64 sums are all-reduced (nothing is gathered) and rank 0 writes FID / IS to the result JSON.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
+import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +31,11 @@ from tqdm import tqdm
 from ddpm_dist.distributed import DistInfo, barrier
 from ddpm_dist.images import save_png, to_uint8
 from ddpm_dist.metrics.evaluate import InceptionStatistics
-from ddpm_dist.noise import SampleNoise
+from ddpm_dist.noise import NOISE, SampleNoise
 from ddpm_dist.samplers import Sampler
-from ddpm_dist.utils.files import atomic_path, is_temp_file
+from ddpm_dist.utils.files import atomic_path, atomic_write, is_temp_file
+
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -40,6 +49,14 @@ class SampleJob:
     steps: int | None = None
     eta: float = 0.0
     bf16: bool = False
+    weights_sha256: str = ""
+    overwrite: bool = False  # clear the folder's samples first, whatever made them
+
+    def manifest(self) -> dict:
+        """What determines the images (num_samples does not: a larger N extends a run)."""
+        return {"weights_sha256": self.weights_sha256, "sampler": self.sampler, "steps": self.steps,
+                "eta": self.eta if self.sampler == "ddim" else None, "bf16": self.bf16, "seed": self.seed,
+                "noise": NOISE}
 
 
 def sample_path(out: str | Path, i: int) -> Path:
@@ -54,6 +71,66 @@ def npz_path(out: str | Path, n: int, h: int, w: int) -> Path:
 def missing_indices(out: str | Path, n: int) -> list[int]:
     """Indices without a finished PNG (a PNG exists only once complete: written by rename)."""
     return [i for i in range(n) if not sample_path(out, i).is_file()]
+
+
+def manifest_mismatch(out: str | Path, job: SampleJob) -> str | None:
+    """Why the samples in `out` are not `job`'s, or None when they are (or there are none)."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        has_samples = any(Path(out).glob("[0-9]" * 6 + "/*.png"))
+        return f"{out} holds samples without a {MANIFEST}" if has_samples else None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"{path} is unreadable"
+    for key, value in job.manifest().items():
+        if old.get(key) != value:
+            return f"{out} holds samples made with {key}={old.get(key)!r}, this run has {key}={value!r}"
+    return None
+
+
+def check_output(out: str | Path, job: SampleJob) -> None:
+    """Raise one line when `out` holds another run's samples and --overwrite is not given."""
+    why = None if job.overwrite else manifest_mismatch(out, job)
+    if why:
+        raise ValueError(f"{why}; use another --out or --overwrite (deletes its samples)")
+
+
+_OUTPUTS = re.compile(r"^(\d{6}|samples_.*\.npz|result\.json|inception_stats\.npz|manifest\.json)$")
+
+
+def clear_samples(out: str | Path) -> None:
+    """Delete what sampling writes into `out` (PNG folders, npz, JSON); other files stay."""
+    for entry in Path(out).iterdir():
+        if _OUTPUTS.match(entry.name):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def prepare_output(job: SampleJob) -> None:
+    """Rank 0, before any PNG: refuse another run's folder (or clear it), write the manifest."""
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, job)
+    if job.overwrite:
+        clear_samples(out)
+    remove_partial_files(out)
+    atomic_write(out / MANIFEST, json.dumps(job.manifest(), indent=2) + "\n")
+
+
+def is_sample(path: Path, shape: tuple[int, int]) -> bool:
+    """True when `path` decodes completely to an image of (height, width) `shape`."""
+    try:
+        return tuple(load_png(path).shape[1:]) == shape
+    except (OSError, ValueError, SyntaxError):  # PIL's errors for empty, truncated, garbled files
+        return False
+
+
+def remove_broken_samples(out: str | Path, indices, shape: tuple[int, int]) -> None:
+    """Delete the PNGs among `indices` that exist but are not a sample of `shape`."""
+    for i in indices:
+        path = sample_path(out, i)
+        if path.is_file() and not is_sample(path, shape):
+            path.unlink()
 
 
 def remove_partial_files(out: str | Path) -> None:
@@ -134,15 +211,20 @@ def write_samples(out: str | Path, indices: list[int], images: torch.Tensor) -> 
 
 
 def merge_npz(out: str | Path, n: int) -> Path:
-    """All N samples in index order as `arr_0` uint8 NHWC; written to a temp name and renamed."""
-    first = load_png(sample_path(out, 0))
-    _, h, w = first.shape
-    arr = np.empty((n, h, w, 3), dtype=np.uint8)
-    for i in range(n):
-        arr[i] = load_png(sample_path(out, i)).permute(1, 2, 0).numpy()
+    """All N samples in index order as `arr_0` uint8 NHWC, the file np.savez writes; streamed
+    one sample at a time into the zip member (memory: one image), to a temp name then renamed."""
+    _, h, w = load_png(sample_path(out, 0)).shape
     path = npz_path(out, n, h, w)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, arr_0=arr)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (n, h, w, 3)}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
+            zf.open("arr_0.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, header)
+        for i in range(n):
+            image = load_png(sample_path(out, i))
+            if image.shape != (3, h, w):
+                raise ValueError(f"{sample_path(out, i)}: {tuple(image.shape)}, expected {(3, h, w)}")
+            member.write(image.permute(1, 2, 0).contiguous().numpy().tobytes())
     return path
 
 
@@ -171,9 +253,13 @@ def _progress(total: int, info: DistInfo, desc: str):
 def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: InceptionStatistics | None = None) -> dict:
     """Collective: every rank calls it. Writes the missing PNGs of `job`, then (rank 0) the npz;
     returns timing, and the reduced statistics stay in `score`."""
+    check_output(job.out, job)  # on every rank, so all of them stop on another run's folder
     if info.is_main:
-        Path(job.out).mkdir(parents=True, exist_ok=True)
-        remove_partial_files(job.out)
+        prepare_output(job)
+    barrier()  # the folder is this job's before anyone checks a PNG
+    shape = tuple(sampler.image_shape[1:])
+    remove_broken_samples(job.out, range(info.rank, job.num_samples, info.world_size), shape)
+    barrier()
     todo = missing_indices(job.out, job.num_samples)
     barrier()  # every rank listed the same finished set before anyone writes
     mine = todo[info.rank::info.world_size]

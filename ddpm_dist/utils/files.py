@@ -44,8 +44,9 @@ def fsync_dir(path: str | Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path` for a writer that wants a file name (PIL, safetensors,
     torch.save, numpy). When the block ends the file is fsynced and renamed over `path`; when it
-    raises, the temp file is removed and `path` is untouched."""
+    raises, the temp file is removed and `path` is untouched. Missing parent folders are created."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         yield tmp

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ddpm_dist.config import Config
+from ddpm_dist.config import Config, ConfigError
 from ddpm_dist.distributed import DistInfo
 from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format, compile_enabled
 
@@ -13,11 +13,12 @@ __all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_s
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(micro-batch per rank, micro-batches per step) so the global batch holds on any world size."""
+    """(micro-batch per rank, micro-batches per step) so the global batch holds on any world size;
+    a ConfigError (one line, exit status 2) when the world size does not fit the batch."""
     total = cfg.train.batch_size
     micro = cfg.train.micro_batch_size or total // world_size
     if micro <= 0 or total % (micro * world_size):
-        raise ValueError(f"train.batch_size={total} is not a multiple of micro_batch_size={micro} "
+        raise ConfigError(f"train.batch_size={total} is not a multiple of micro_batch_size={micro} "
                          f"x world_size={world_size}")
     return micro, total // (micro * world_size)
 
