@@ -54,6 +54,9 @@ class DataConfig:
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL from the environment
     retries: int = 5
     retry_wait: float = 1.0  # first backoff (s), doubled per retry up to 30 s: 5 retries ≈ 31 s
+    # Skipped samples (corrupt, or in shards that fail their checksum) above this fraction of
+    # what a stream has read stop the run; measured once a stream has read 1,000 samples.
+    max_skip_fraction: float = 0.01
 
 
 @dataclass
@@ -208,6 +211,8 @@ def validate(cfg: Config) -> Config:
                           f"2^{len(cfg.model.ch_mult) - 1} (one halving per extra ch_mult level)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    if not 0.0 <= cfg.data.max_skip_fraction < 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1), got {cfg.data.max_skip_fraction}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
     return cfg
