@@ -13,7 +13,8 @@
 #                   name on the sbatch line are appended to them
 #   DDPM_PYTHON     interpreter                   (default: python on PATH, e.g. the active venv)
 #
-# Exit status of train.py: 0 finished, 2 config/checkpoint error, 3 stopped on a signal
+# Exit status of train.py: 0 finished, 2 config/data/checkpoint error, 4 data storage
+# unavailable after the retries (submit again later to resume), 3 stopped on a signal
 # (USR2 from --signal or scancel, or SIGTERM) with a complete checkpoint: then this job
 # requeues itself and the next run resumes from that checkpoint.
 set -uo pipefail
