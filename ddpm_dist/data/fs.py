@@ -51,7 +51,7 @@ class BadDataError(DataError):
     samples skipped."""
 
 
-STARTUP_CONNECT_RETRIES = 2  # retries of a refused connection at start-up (then: wrong endpoint)
+STARTUP_CONNECT_RETRIES = 1  # a refused connection at start-up is tried twice (then: wrong endpoint)
 
 
 def _redact(text: str) -> str:
