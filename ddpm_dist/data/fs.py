@@ -16,8 +16,8 @@ Two failure policies:
   (the data set is incomplete); any other error is a `DataReadError` (try again later).
 
 Each S3 request is bounded: 3 s to connect, 20 s without a byte while reading, two attempts
-by botocore per read; so one read attempt ends within about a minute even on a dead
-connection, well within the minutes of a collective timeout.
+by botocore and none more by s3fs per read; so one read attempt ends within about a minute
+even on a dead connection, well within the minutes of a collective timeout.
 """
 from __future__ import annotations
 
@@ -71,7 +71,10 @@ def filesystem(url: str, endpoint: str | None = None):
                                      "retries": {"max_attempts": 2, "mode": "standard"}}}
         if endpoint:
             options["endpoint_url"] = endpoint
-    return fsspec.core.url_to_fs(url, **options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if url.startswith("s3://"):
+        fs.retries = 1  # s3fs would retry a timed-out read 5 times; read_bytes retries, bounded
+    return fs, path
 
 
 def join(base: str, name: str) -> str:
