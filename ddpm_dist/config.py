@@ -55,6 +55,9 @@ class DataConfig:
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL from the environment
     retries: int = 5
     retry_wait: float = 1.0  # first backoff (s), doubled per retry up to 30 s: 5 retries ≈ 31 s
+    # Skipped samples (corrupt, or in shards that fail their checksum) above this fraction of
+    # what a stream has read stop the run; measured once a stream has read 1,000 samples.
+    max_skip_fraction: float = 0.01
 
 
 @dataclass
@@ -220,6 +223,8 @@ def _check_ranges(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0.0 <= cfg.data.max_skip_fraction < 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1), got {cfg.data.max_skip_fraction}")
     if t.collective_timeout <= 0:
         raise ConfigError(f"train.collective_timeout: must be positive (seconds), got {t.collective_timeout}")
     at_least_0 = {"data.retries": cfg.data.retries, "data.num_workers": cfg.data.num_workers,

@@ -20,7 +20,7 @@ import torch
 from ddpm_dist import distributed
 from ddpm_dist.config import Config, ConfigError, load_config, save_config
 from ddpm_dist.data import build_stream
-from ddpm_dist.data.fs import DataError
+from ddpm_dist.data.fs import DataError, DataReadError
 from ddpm_dist.images import make_grid, save_png, to_uint8
 from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -32,6 +32,10 @@ from ddpm_dist.training.telemetry import (MetricsWriter, StepTally, StepTimer, m
 from ddpm_dist.utils.logs import log, setup_logging
 from ddpm_dist.utils.seeds import Purpose, derive_seed
 
+# Exit statuses: 0 finished, 2 bad config, data or checkpoint, 3 stopped by a signal with a
+# checkpoint, 4 data storage unavailable after the retries (run again later to resume), 6 a rank
+# died or hung (FAULT_EXIT_STATUS).
+EXIT_DATA_UNAVAILABLE = 4
 MAX_NONFINITE = 20  # consecutive non-finite steps before the run stops with a checkpoint (checked when logging)
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on a stop signal (one host read each)
 
@@ -214,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg)
+    except DataReadError as e:  # storage unavailable after the retries: try again later
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DATA_UNAVAILABLE
     except (ConfigError, distributed.DeviceError, CheckpointError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

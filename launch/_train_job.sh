@@ -13,13 +13,16 @@
 #                   name on the sbatch line are appended to them
 #   DDPM_PYTHON     interpreter                   (default: python on PATH, e.g. the active venv)
 #
-#   DDPM_MAX_FAULT_REQUEUES  requeues after a hung or dead rank (status 6)   (default: 3)
+#   DDPM_MAX_FAULT_REQUEUES  requeues after storage outages (status 4) or a hung or dead rank
+#                            (status 6)                                    (default: 3)
 #
-# Exit status of train.py: 0 finished, 2 config/data/checkpoint error, 3 stopped on a signal
+# Exit status of train.py: 0 finished, 2 config/data/checkpoint error, 4 data storage
+# unavailable after the retries, 3 stopped on a signal
 # (USR2 from --signal or scancel, or SIGTERM) with a complete checkpoint: then this job
-# requeues itself and the next run resumes from that checkpoint. 6: a rank died or hung (a
-# collective timed out, or no step finished within train.hang_timeout): the job requeues and
-# resumes from the last checkpoint, at most DDPM_MAX_FAULT_REQUEUES times over its restarts.
+# requeues itself and the next run resumes from that checkpoint. 4 (storage outage) and 6 (a
+# rank died or hung: a collective timed out, or no step finished within train.hang_timeout):
+# the job requeues and resumes from the last checkpoint, at most DDPM_MAX_FAULT_REQUEUES times
+# over its restarts. 5: a checkpoint could not be written (disk full, permissions): no requeue.
 set -uo pipefail
 
 cd "${DDPM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || exit 2
@@ -44,8 +47,8 @@ echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} run $(( ${SLURM_RESTART_COUNT:-0} + 1
 srun ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
   "${DDPM_PYTHON:-python}" -m ddpm_dist.train --config "$config" "${overrides[@]}"
 rc=$?
-if [ "$rc" = 6 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${DDPM_MAX_FAULT_REQUEUES:-3}" ]; then
-  echo "[$(date -Is)] a rank died or hung; requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
+if { [ "$rc" = 4 ] || [ "$rc" = 6 ]; } && [ "${SLURM_RESTART_COUNT:-0}" -lt "${DDPM_MAX_FAULT_REQUEUES:-3}" ]; then
+  echo "[$(date -Is)] status $rc (storage outage or a dead or hung rank); requeueing job $SLURM_JOB_ID to resume"
   rc=3
 fi
 if [ "$rc" = 3 ]; then

@@ -5,18 +5,27 @@ or an explicit endpoint from the config. Credentials are never put into messages
 we raise names the URL and the kind of failure only, and is scrubbed of the key values.
 
 Two failure policies:
-- `check=True` (opening index.json at start-up): configuration errors (missing bucket, bad
-  credentials, wrong endpoint) are reported at once as one `DataError` line, not retried.
+- `check=True` (opening index.json at start-up): errors that retrying cannot fix (missing
+  bucket or object, bad credentials, an endpoint host that does not resolve) are reported at
+  once as one `DataConfigError` line; a refused connection is retried STARTUP_CONNECT_RETRIES
+  times (a restarting server), then reported as a `DataConfigError` (most often a wrong
+  endpoint); other errors (timeouts, server errors) are retried like mid-stream reads.
 - mid-stream reads: every error is treated as transient (a restarting server answers with
   refused connections or missing buckets for a few seconds) and retried with exponential
-  backoff before giving up with a `DataError`.
+  backoff. After the last retry an object that is still not found is a `DataConfigError`
+  (the data set is incomplete); any other error is a `DataReadError` (try again later).
+
+Each S3 request is bounded: 3 s to connect, 20 s without a byte while reading, two attempts
+by botocore and none more by s3fs per read; so one read attempt ends within about a minute
+even on a dead connection, well within the minutes of a collective timeout.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
-import time
+import socket
+import threading
 
 import fsspec
 
@@ -34,7 +43,15 @@ class DataConfigError(DataError):
 
 
 class DataReadError(DataError):
-    """A read still failed after all retries."""
+    """A read still failed after all retries: the storage is unavailable, try again later."""
+
+
+class BadDataError(DataError):
+    """The data was read but is unusable: a shard with no decodable sample, or too many
+    samples skipped."""
+
+
+STARTUP_CONNECT_RETRIES = 1  # a refused connection at start-up is tried twice (then: wrong endpoint)
 
 
 def _redact(text: str) -> str:
@@ -50,11 +67,14 @@ def filesystem(url: str, endpoint: str | None = None):
     """(fs, path) for a URL; s3 clients fail fast on connect so a wrong endpoint shows in seconds."""
     options = {}
     if url.startswith("s3://"):
-        options = {"config_kwargs": {"connect_timeout": 3, "read_timeout": 60,
+        options = {"config_kwargs": {"connect_timeout": 3, "read_timeout": 20,
                                      "retries": {"max_attempts": 2, "mode": "standard"}}}
         if endpoint:
             options["endpoint_url"] = endpoint
-    return fsspec.core.url_to_fs(url, **options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if url.startswith("s3://"):
+        fs.retries = 1  # s3fs would retry a timed-out read 5 times; read_bytes retries, bounded
+    return fs, path
 
 
 def join(base: str, name: str) -> str:
@@ -75,21 +95,57 @@ def describe(exc: BaseException, url: str) -> str:
 
 
 def read_bytes(url: str, *, endpoint: str | None = None, retries: int = 5, wait: float = 1.0,
-               check: bool = False) -> bytes:
-    """The whole object; transient errors retried with backoff wait, 2*wait, ... (cap 30 s)."""
-    for attempt in range(retries + 1):
+               check: bool = False, cancel: threading.Event | None = None) -> bytes:
+    """The whole object; transient errors retried with backoff wait, 2*wait, ... (cap 30 s).
+
+    Setting `cancel` ends the retries at the next backoff wait with a DataReadError.
+    """
+    attempt = 0
+    while True:
         try:
             fs, path = filesystem(url, endpoint)
             return fs.cat_file(path)
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised as DataError
-            if check or attempt == retries:
-                kind = DataConfigError if check else DataReadError
-                raise kind(describe(exc, url)) from None
+            error = _give_up(exc, url, attempt, retries, check)
+            if error is not None:
+                raise error from None
             delay = min(wait * 2 ** attempt, 30.0)
             log.warning("read failed (%s); retry %d/%d in %.1f s", describe(exc, url), attempt + 1,
                         retries, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+        if (cancel or threading.Event()).wait(delay):
+            raise DataReadError(f"{url}: read abandoned (the stream was closed)")
+        attempt += 1
+
+
+def _give_up(exc: Exception, url: str, attempt: int, retries: int, check: bool) -> DataError | None:
+    """The error to raise after failed attempt number `attempt` (from 0), or None to retry."""
+    if check and _not_transient(exc):
+        return DataConfigError(describe(exc, url))
+    if check and _refused(exc) and attempt >= min(retries, STARTUP_CONNECT_RETRIES):
+        return DataConfigError(describe(exc, url))
+    if attempt < retries:
+        return None
+    kind = DataConfigError if isinstance(exc, FileNotFoundError) else DataReadError
+    return kind(describe(exc, url))
+
+
+def _causes(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _not_transient(exc: Exception) -> bool:
+    """Missing object or bucket, access denied, a path that is a folder, an unknown host name."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    return any(isinstance(e, socket.gaierror) for e in _causes(exc))
+
+
+def _refused(exc: Exception) -> bool:
+    """Nothing listens at the endpoint (not a timeout: those are retried in full)."""
+    return type(exc).__name__ == "EndpointConnectionError" or \
+        any(isinstance(e, ConnectionRefusedError) for e in _causes(exc))
 
 
 def write_bytes(url: str, data: bytes, *, endpoint: str | None = None) -> None:

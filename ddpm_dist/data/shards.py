@@ -116,6 +116,7 @@ def read_images(data: bytes, shard: str) -> tuple[list[tuple[str, bytes]], int]:
 
 
 def load_index(data: bytes, url: str) -> dict:
+    """index.json checked before anything is read: complete, with shards named inside `url`."""
     from ddpm_dist.data.fs import DataConfigError
 
     try:
@@ -126,4 +127,9 @@ def load_index(data: bytes, url: str) -> dict:
         raise DataConfigError(f"{url}: index.json is incomplete (make_shards did not finish)")
     if not index.get("shards"):
         raise DataConfigError(f"{url}: index.json lists no shards")
+    for shard in index["shards"]:
+        name = shard.get("name")
+        if not isinstance(name, str) or not name or not safe_member_name(name):
+            raise DataConfigError(f"{url}: index.json names shard {name!r} outside the data folder "
+                                  f"(absolute, '..' or a URL); refusing to read it")
     return index

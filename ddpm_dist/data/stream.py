@@ -15,6 +15,12 @@ shards), so a position is just two integers per stream:
 - A shard is read whole (retried as a unit on I/O errors, checksummed against index.json)
   and its samples are visited in a permutation seeded by (seed, e, s, position) - a full
   in-shard shuffle, with no shuffle buffer. Flips use the same generator.
+- Bad data ends the run instead of looping: a shard whose bytes differ from index.json is
+  not used (its samples count as skipped), undecodable samples are skipped, one warning per
+  shard read says how many; a shard with no decodable sample, or skipped samples above
+  data.max_skip_fraction of what the stream has read (once it has read MIN_READ_FOR_SKIP_LIMIT),
+  raise a BadDataError. The next shard is read ahead in a daemon thread, which closing the
+  stream abandons (exit never waits for it).
 - A stream's cursor is (shard position, slot in the permutation). Loader workers send it with
   each batch; the stream keeps the latest per worker, so state_dict() is exact even though
   workers prefetch. DataLoader takes workers round-robin, which makes the batch order a
@@ -25,9 +31,10 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +46,8 @@ from ddpm_dist.data.shards import centre_crop_resize, load_index, read_images, s
 from ddpm_dist.utils.seeds import numpy_rng
 
 log = logging.getLogger(__name__)
+
+MIN_READ_FOR_SKIP_LIMIT = 1000  # samples a stream reads before data.max_skip_fraction applies
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class Plan:
     endpoint: str | None
     retries: int
     retry_wait: float
+    max_skip_fraction: float = 0.01
 
     @property
     def streams(self) -> int:
@@ -91,55 +101,137 @@ def decode(data: bytes, resolution: int, flip: bool = False) -> np.ndarray:
         return np.array(img)
 
 
-def read_shard(plan: Plan, index: int) -> tuple[list[bytes], int]:
-    """A shard's image bytes and how many of its index.json samples are missing or rejected."""
+@dataclass
+class ShardRead:
+    """One read of a shard: its image bytes, and how many index.json samples are not among them."""
+    url: str
+    images: list[bytes]
+    missing: int
+    problem: str = ""  # why the whole shard is unused, e.g. a checksum mismatch
+
+
+def read_shard(plan: Plan, index: int, cancel: threading.Event | None = None) -> ShardRead:
+    """A shard's image bytes; one whose bytes differ from index.json (truncated, rewritten,
+    damaged) is not used at all: its index.json samples are all missing."""
     name, count, checksum = plan.shards[index]
     url = fs.join(plan.base, name)
-    data = fs.read_bytes(url, endpoint=plan.endpoint, retries=plan.retries, wait=plan.retry_wait)
+    data = fs.read_bytes(url, endpoint=plan.endpoint, retries=plan.retries, wait=plan.retry_wait,
+                         cancel=cancel)
     if sha256(data) != checksum:
-        log.warning("%s: checksum differs from index.json; reading what is intact", url)
+        return ShardRead(url, [], count, f"checksum differs from index.json ({len(data)} bytes read)")
     images, rejected = read_images(data, url)
-    return [b for _, b in images], max(count - len(images), rejected)
+    return ShardRead(url, [b for _, b in images], max(count - len(images), rejected))
 
 
-def stream_samples(plan: Plan, epoch: int, stream: int, cursor: tuple[int, int]):
+@dataclass
+class SkipTally:
+    """What one stream has read and skipped so far, to stop it when too much is bad."""
+    limit: float
+    read: int = 0
+    skipped: int = 0
+    by_shard: dict[str, int] = field(default_factory=dict)
+
+    def add(self, url: str, read: int, skipped: int) -> None:
+        self.read, self.skipped = self.read + read, self.skipped + skipped
+        if skipped:
+            self.by_shard[url] = self.by_shard.get(url, 0) + skipped
+        if self.read >= MIN_READ_FOR_SKIP_LIMIT and self.skipped > self.limit * self.read:
+            raise fs.BadDataError(self.message())
+
+    def message(self) -> str:
+        worst = sorted(self.by_shard.items(), key=lambda kv: -kv[1])
+        names = ", ".join(f"{url} ({n})" for url, n in worst[:5])
+        more = f" and {len(worst) - 5} more shards" if len(worst) > 5 else ""
+        return (f"{self.skipped} of {self.read} samples read were skipped "
+                f"({self.skipped / self.read:.1%} > data.max_skip_fraction {self.limit:g}): "
+                f"{names}{more}")
+
+
+class _Prefetch:
+    """Reads the next shard in a daemon thread: interpreter exit never waits for it, and
+    close() ends its retry waits."""
+
+    def __init__(self):
+        self.cancel = threading.Event()
+
+    def read(self, plan: Plan, index: int) -> Future:
+        future: Future = Future()
+
+        def run():
+            try:
+                future.set_result(read_shard(plan, index, self.cancel))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the result
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="shard-prefetch", daemon=True).start()
+        return future
+
+    def close(self) -> None:
+        self.cancel.set()
+
+
+def stream_samples(plan: Plan, epoch: int, stream: int, cursor: tuple[int, int],
+                   tally: SkipTally | None = None):
     """Endless (image or None if corrupt, skipped-count, cursor after it) from a cursor on."""
     position, slot = cursor
+    tally = tally or SkipTally(plan.max_skip_fraction)
     empty_run = 0
-    fetcher = ThreadPoolExecutor(1)  # fetches the next shard while this one is decoded
-    upcoming = fetcher.submit(read_shard, plan, plan.shard_at(epoch, stream, position))
+    prefetch = _Prefetch()  # fetches the next shard while this one is decoded
+    upcoming = prefetch.read(plan, plan.shard_at(epoch, stream, position))
     try:
         while True:
-            images, missing = upcoming.result()
-            upcoming = fetcher.submit(read_shard, plan, plan.shard_at(epoch, stream, position + 1))
-            yield from _shard_samples(plan, epoch, stream, position, slot, images, missing)
-            empty_run = empty_run + 1 if not images else 0
+            shard = upcoming.result()
+            upcoming = prefetch.read(plan, plan.shard_at(epoch, stream, position + 1))
+            yield from _shard_samples(plan, epoch, stream, position, slot, shard, tally)
+            empty_run = empty_run + 1 if not shard.images else 0
             if empty_run > 2 * len(plan.shards):
-                raise fs.DataReadError(f"{plan.base}: no readable samples in any shard")
+                raise fs.BadDataError(f"{plan.base}: no usable samples in any shard")
             position, slot = position + 1, 0
     finally:
-        fetcher.shutdown(wait=False, cancel_futures=True)
+        prefetch.close()
 
 
 def _shard_samples(plan: Plan, epoch: int, stream: int, position: int, slot: int,
-                   images: list[bytes], missing: int):
-    """The samples of the shard at `position` from `slot` on, in their seeded order."""
+                   shard: ShardRead, tally: SkipTally):
+    """The samples of the shard at `position` from `slot` on, in their seeded order; one
+    warning at its end if any were skipped."""
+    images = shard.images
     rng = plan.rng(epoch, stream, position, 1)
     order, flips = rng.permutation(len(images)), rng.random(len(images)) < 0.5
-    skipped = missing if slot == 0 else 0  # counted once, on first visit of the shard
+    missing = shard.missing if slot == 0 else 0  # counted once, on first visit of the shard
+    tally.add(shard.url, missing, missing)
+    corrupt = 0
     for k in range(slot, len(images)):
         image = _decode_or_none(images[order[k]], plan, plan.flip and flips[k])
-        yield image, skipped + (image is None), (position, k + 1)
-        skipped = 0
-    if skipped:
-        yield None, skipped, (position + 1, 0)
+        corrupt += image is None
+        tally.add(shard.url, 1, int(image is None))
+        yield image, missing + (image is None), (position, k + 1)
+        missing = 0
+    _check_shard(shard, slot, corrupt)
+    if missing:
+        yield None, missing, (position + 1, 0)
+
+
+def _check_shard(shard: ShardRead, slot: int, corrupt: int) -> None:
+    """Warn once for the shard's skipped samples; a shard where nothing decodes is an error."""
+    if slot == 0 and not shard.problem and corrupt == len(shard.images):
+        raise fs.BadDataError(f"{shard.url}: no decodable sample among its {len(shard.images)} "
+                              f"images (rewrite it with make_shards)")
+    reasons = [shard.problem] if shard.problem else []
+    if corrupt:
+        reasons.append(f"{corrupt} corrupt sample{'s' if corrupt > 1 else ''}")
+    if shard.missing and not shard.problem and slot == 0:
+        reasons.append(f"{shard.missing} missing or unsafe")
+    if reasons:
+        missing = shard.missing if slot == 0 else 0
+        log.warning("%s: skipped %d of %d samples (%s)", shard.url, corrupt + missing,
+                    max(len(shard.images) - slot, 0) + missing, "; ".join(reasons))
 
 
 def _decode_or_none(data: bytes, plan: Plan, flip: bool) -> np.ndarray | None:
     try:
         return decode(data, plan.resolution, flip)
-    except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped, not fatal
-        log.warning("%s: skipping corrupt sample (%s)", plan.base, type(exc).__name__)
+    except Exception:  # noqa: BLE001 - any undecodable sample is skipped (counted, not fatal)
         return None
 
 
@@ -153,6 +245,7 @@ class _RankDataset(IterableDataset):
     def __init__(self, plan: Plan, epoch: int, batch: int, cursors: list[tuple[int, int]]):
         self.plan, self.epoch, self.batch, self.cursors = plan, epoch, batch, cursors
         self.started = False
+        self.tally = SkipTally(plan.max_skip_fraction)  # over all epochs of this worker
 
     def __iter__(self):
         info = get_worker_info()
@@ -164,9 +257,13 @@ class _RankDataset(IterableDataset):
         done = self.batch // nw + (worker < self.batch % nw)
         remaining = self.plan.batches_per_stream - done
         stream = self.plan.rank + self.plan.world_size * worker
-        samples = stream_samples(self.plan, self.epoch, stream, tuple(self.cursors[worker]))
-        for _ in range(remaining):
-            yield (*_next_batch(samples, self.plan), worker)
+        samples = stream_samples(self.plan, self.epoch, stream, tuple(self.cursors[worker]),
+                                 self.tally)
+        try:
+            for _ in range(remaining):
+                yield (*_next_batch(samples, self.plan), worker)
+        finally:
+            samples.close()  # abandons the shard being read ahead
 
 
 def put_model_range(slot: torch.Tensor, image: np.ndarray) -> None:
@@ -270,5 +367,5 @@ def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, 
     plan = Plan(base=url.rstrip("/"), shards=shards, resolution=resolution, batch_size=batch_size,
                 rank=rank, world_size=world_size, workers=data_cfg.num_workers, seed=seed,
                 flip=data_cfg.flip, endpoint=data_cfg.s3_endpoint, retries=data_cfg.retries,
-                retry_wait=data_cfg.retry_wait)
+                retry_wait=data_cfg.retry_wait, max_skip_fraction=data_cfg.max_skip_fraction)
     return ShardStream(plan)
