@@ -206,6 +206,9 @@ def validate(cfg: Config) -> Config:
     if cfg.model.resolution % 2 ** (len(cfg.model.ch_mult) - 1):
         raise ConfigError(f"model.resolution: {cfg.model.resolution} is not divisible by "
                           f"2^{len(cfg.model.ch_mult) - 1} (one halving per extra ch_mult level)")
+    if cfg.train.keep_last < 1:
+        raise ConfigError(f"train.keep_last: must be at least 1, got {cfg.train.keep_last} "
+                          f"(the number of newest checkpoints kept)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if not 0.0 <= cfg.model.dropout < 1.0:
