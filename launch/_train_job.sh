@@ -15,7 +15,9 @@
 #
 # Exit status of train.py: 0 finished, 2 config/checkpoint error, 3 stopped on a signal
 # (USR2 from --signal or scancel, or SIGTERM) with a complete checkpoint: then this job
-# requeues itself and the next run resumes from that checkpoint.
+# requeues itself and the next run resumes from that checkpoint; 5 a checkpoint could not be
+# written (disk full, not writable; the older checkpoints are kept): not requeued, since a
+# requeued run would fail the same way.
 set -uo pipefail
 
 cd "${DDPM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || exit 2
@@ -46,5 +48,8 @@ if [ "$rc" = 3 ]; then
   echo "[$(date -Is)] stopped with a checkpoint; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID" && exit 0
   echo "error: scontrol requeue $SLURM_JOB_ID failed; resubmit to resume" >&2
+fi
+if [ "$rc" = 5 ]; then
+  echo "[$(date -Is)] could not save a checkpoint; not requeueing: free space in the run folder and resubmit" >&2
 fi
 exit "$rc"
