@@ -225,6 +225,9 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if not 0.0 <= cfg.data.max_skip_fraction < 1.0:
         raise ConfigError(f"data.max_skip_fraction: must be in [0, 1), got {cfg.data.max_skip_fraction}")
+    if t.keep_last < 1:
+        raise ConfigError(f"train.keep_last: must be at least 1, got {t.keep_last} "
+                          f"(the number of newest checkpoints kept)")
     if t.collective_timeout <= 0:
         raise ConfigError(f"train.collective_timeout: must be positive (seconds), got {t.collective_timeout}")
     at_least_0 = {"data.retries": cfg.data.retries, "data.num_workers": cfg.data.num_workers,

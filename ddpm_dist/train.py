@@ -4,8 +4,10 @@
     torchrun --nproc_per_node=8 -m ddpm_dist.train --config configs/cifar10.yaml engine=fsdp
 
 Resumes by itself from the newest complete checkpoint in `<out_dir>/checkpoints/`.
-Exit status: 0 finished; 2 a config, data or checkpoint error (one `error:` line); 3 stopped on a
-signal with a complete checkpoint; 6 a rank died or hung (collective timeout or watchdog).
+Exit status: 0 finished; 2 a config, data, checkpoint or non-finite-loss error (one `error:`
+line); 3 stopped on a signal with a complete checkpoint; 4 data storage unavailable after the
+retries; 5 a checkpoint could not be written (older checkpoints kept); 6 a rank died or hung
+(collective timeout or watchdog).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from ddpm_dist.data import build_stream
 from ddpm_dist.data.fs import DataError, DataReadError
 from ddpm_dist.images import make_grid, save_png, to_uint8
 from ddpm_dist.modelio.factory import build_diffusion, build_model
-from ddpm_dist.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpm_dist.training.checkpoint import (CheckpointError, CheckpointSaveError, load_checkpoint,
+                                           resumable_checkpoint, save_checkpoint)
 from ddpm_dist.training.engines import batch_split, build_engine
 from ddpm_dist.training.step import draw_micro_batches, step_generator, train_step
 from ddpm_dist.training.watchdog import FAULT_EXIT_STATUS, Watchdog
@@ -32,11 +35,9 @@ from ddpm_dist.training.telemetry import (MetricsWriter, StepTally, StepTimer, m
 from ddpm_dist.utils.logs import log, setup_logging
 from ddpm_dist.utils.seeds import Purpose, derive_seed
 
-# Exit statuses: 0 finished, 2 bad config, data or checkpoint, 3 stopped by a signal with a
-# checkpoint, 4 data storage unavailable after the retries (run again later to resume), 6 a rank
-# died or hung (FAULT_EXIT_STATUS).
-EXIT_DATA_UNAVAILABLE = 4
-MAX_NONFINITE = 20  # consecutive non-finite steps before the run stops with a checkpoint (checked when logging)
+EXIT_DATA_UNAVAILABLE = 4  # data storage unavailable after the retries: run again later
+EXIT_SAVE_FAILED = 5  # a checkpoint could not be written; launchers do not requeue on it
+MAX_NONFINITE = 20  # consecutive skipped non-finite steps before the run stops (checked when logging)
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on a stop signal (one host read each)
 
 
@@ -102,9 +103,6 @@ class Run:
     def __init__(self, cfg: Config, info: distributed.DistInfo):
         self.cfg, self.info = cfg, info
         self.out_dir, self.ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
-        if info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
         self.micro_batch, self.accum = batch_split(cfg, info.world_size)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
@@ -114,12 +112,15 @@ class Run:
         self.engine = build_engine(cfg, model, info.device, info)
         self.stream = build_stream(cfg, self.micro_batch, rank=info.rank, world_size=info.world_size)
         self.start = self._resume()
+        if info.is_main:  # only once the checkpoint fits: a rejected run leaves the run's config
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
         self.writer = MetricsWriter(self.out_dir, enabled=info.is_main)
         self.timer = StepTimer()
         self.tally = StepTally(info.device, self.diffusion.num_timesteps)
 
     def _resume(self) -> int:
-        found = latest_checkpoint(self.ckpt_dir)
+        found = resumable_checkpoint(self.ckpt_dir)
         if found is None:
             return 0
         extra = load_checkpoint(found, self.engine, self.cfg)
@@ -151,14 +152,14 @@ class Run:
                 done = step + 1
                 if _every(done, cfg.train.log_every, total):
                     loss, nonfinite = self.log(done, progress)
-                    if nonfinite >= MAX_NONFINITE:
-                        self.checkpoint(done)
-                        raise NonFiniteLossError(f"{nonfinite:.0f} non-finite steps in a row before step {done}; "
-                                                 f"saved a checkpoint. Lower optim.lr or use train.precision=bf16/fp32")
+                    if nonfinite >= MAX_NONFINITE or (nonfinite and not self.engine.skips_nonfinite_steps):
+                        self.stop_nonfinite(done, f"{nonfinite:.0f} non-finite steps in a row")
                 if _every(done, cfg.train.sample_every, total):
                     self.sample_grid(done)
                 stop_now = done % STOP_CHECK_EVERY == 0 and distributed.any_flag(stop.signum is not None)
                 if _every(done, cfg.train.ckpt_every, total) or stop_now:
+                    if not self.engine.weights_finite():
+                        self.stop_nonfinite(done, "non-finite weights")
                     self.checkpoint(done)
                 if stop_now:
                     log.info(f"stop requested (signal {stop.signum}): checkpoint at step {done} written, exiting")
@@ -183,6 +184,16 @@ class Run:
     def checkpoint(self, done: int) -> None:
         save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
                         self.cfg.train.keep_last, self.cfg)
+
+    def stop_nonfinite(self, done: int, what: str) -> None:
+        """Save the state for inspection under a name that resume and rotation ignore, so the good
+        checkpoints stay, and stop."""
+        name = f"nonfinite_step_{done:08d}"
+        save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
+                        self.cfg.train.keep_last, self.cfg, name=name)
+        raise NonFiniteLossError(f"{what} at step {done}; saved it as {self.ckpt_dir / name} (resume ignores it "
+                                 f"and continues from the last step_* checkpoint). Lower optim.lr or use "
+                                 f"train.precision=bf16/fp32")
 
     def sample_grid(self, done: int) -> None:
         """EMA samples from a fixed seed; every rank computes (sharded models need all of them),
@@ -221,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataReadError as e:  # storage unavailable after the retries: try again later
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DATA_UNAVAILABLE
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
     except (ConfigError, distributed.DeviceError, CheckpointError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

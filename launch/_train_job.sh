@@ -22,7 +22,8 @@
 # requeues itself and the next run resumes from that checkpoint. 4 (storage outage) and 6 (a
 # rank died or hung: a collective timed out, or no step finished within train.hang_timeout):
 # the job requeues and resumes from the last checkpoint, at most DDPM_MAX_FAULT_REQUEUES times
-# over its restarts. 5: a checkpoint could not be written (disk full, permissions): no requeue.
+# over its restarts. 5: a checkpoint could not be written (disk full, not writable; the older
+# checkpoints are kept): not requeued, since a requeued run would fail the same way.
 set -uo pipefail
 
 cd "${DDPM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || exit 2
@@ -57,5 +58,8 @@ if [ "$rc" = 3 ]; then
   echo "[$(date -Is)] stopped with a checkpoint; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID" && exit 0
   echo "error: scontrol requeue $SLURM_JOB_ID failed; resubmit to resume" >&2
+fi
+if [ "$rc" = 5 ]; then
+  echo "[$(date -Is)] could not save a checkpoint; not requeueing: free space in the run folder and resubmit" >&2
 fi
 exit "$rc"

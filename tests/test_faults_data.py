@@ -78,7 +78,7 @@ def test_a_high_fraction_of_corrupt_samples_stops_the_run_naming_the_shards(tmp_
         _replace_shard(folder, i, [_png(i)] * 7 + [b"not a png"] * 3)
     s = stream_for(str(folder), batch=5)
     with caplog.at_level(logging.WARNING), pytest.raises(DataError) as info:
-        batches = _drain(s)
+        _drain(s)
     message = str(info.value)
     assert "max_skip_fraction" in message and "shard-0000" in message and "\n" not in message
     assert not isinstance(info.value, DataReadError)

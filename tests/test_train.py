@@ -93,10 +93,11 @@ def test_interrupted_checkpoint_write_is_ignored_and_bad_checkpoints_are_named(t
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "was written with model.ch=32, this run has 64" in last
 
+    # A file of the newest checkpoint gone: its manifest no longer matches, resume takes the previous one.
     shutil.rmtree(partial)
     os.remove(run / "checkpoints" / "step_00000010" / ".metadata")
     code, err = run_train(run, "train.total_steps=12")
-    assert code == 2 and "is not a complete DCP checkpoint" in err.strip().splitlines()[-1]
+    assert code == 0 and ".metadata is missing" in err and "step_00000008 at step 8" in err, err[-2000:]
 
 
 def test_stop_signal_saves_a_checkpoint_at_a_step_boundary(tmp_path):

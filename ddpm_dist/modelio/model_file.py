@@ -40,24 +40,37 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCon
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist (write one with tools/export.py)")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("ddpm_dist")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    else:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        raw, tensors = blob.get("settings"), blob.get("state_dict", {})
-    if raw is None:
+    try:
+        raw, tensors = _read_raw(path)
+        settings = json.loads(raw) if raw is not None else None
+    except Exception as e:  # safetensors, torch.load and json each raise their own types
+        raise ValueError(f"{path} is not a readable model file ({_first_line(e)})") from None
+    if not isinstance(settings, dict):
         raise ValueError(f"{path} is not a ddpm-dist model file (no settings); convert it with "
                          f"tools/convert_diffusers.py or export a checkpoint with tools/export.py")
-    settings = json.loads(raw)
     try:
         model_cfg = build_section(ModelConfig, settings["model"], "model.")
         diffusion_cfg = build_section(DiffusionConfig, settings["diffusion"], "diffusion.")
     except (KeyError, ConfigError) as e:
         raise ValueError(f"{path}: unreadable settings ({e})") from None
     return tensors, model_cfg, diffusion_cfg
+
+
+def _read_raw(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(settings JSON or None, tensors); raises whatever the file's reader raises."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("ddpm_dist"), {k: f.get_tensor(k) for k in f.keys()}
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict):
+        raise ValueError(f"it holds a {type(blob).__name__}, not a dict of settings and weights")
+    return blob.get("settings"), blob.get("state_dict", {})
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_model_file(path: str | Path) -> tuple[UNet, GaussianDiffusion]:

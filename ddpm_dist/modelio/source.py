@@ -33,12 +33,15 @@ def _run_config(ckpt_dir: Path, config_path: str | None) -> Config:
 
 
 def _checkpoint_folder(path: Path) -> Path:
-    """step_XXXXXXXX itself, or the latest complete one under a run or checkpoints folder."""
-    from ddpm_dist.training.checkpoint import latest_checkpoint
+    """step_XXXXXXXX itself, or the newest complete one under a run or checkpoints folder."""
+    from ddpm_dist.training.checkpoint import CheckpointError, resumable_checkpoint
     if (path / ".metadata").is_file():
         return path
     for folder in (path / "checkpoints", path):
-        found = latest_checkpoint(folder)
+        try:
+            found = resumable_checkpoint(folder)
+        except CheckpointError as e:
+            raise ModelSourceError(str(e)) from None
         if found is not None:
             return found
     raise ModelSourceError(f"{path}: no complete checkpoint (step_XXXXXXXX/ with .metadata) here")

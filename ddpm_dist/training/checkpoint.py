@@ -1,12 +1,19 @@
-"""Training checkpoint folders: named by step, published atomically, rotated, checked.
+"""Training checkpoint folders: named by step, written durably, published atomically, verified,
+rotated, checked.
 
 Layout: `<out_dir>/checkpoints/step_00005000/` holds the engine's state as the engine writes it
 (`Engine.save`: DCP shards for single/ddp/fsdp, which load on any world size; DeepSpeed's own
-format under `deepspeed/`), one `rank<r>.json` per rank (the data-stream position) and the run's
-`config.yaml`. Every rank writes into `step_N.partial/`; after a barrier rank 0 renames it to
-`step_N/`. A rename is atomic, so a checkpoint folder either is complete or does not exist: a run
-killed mid-write leaves a `.partial` folder that resume ignores. Random state needs no saving:
-every step seeds its own generators from (seed, step, rank), so it is a function of the step.
+format under `deepspeed/`), one `rank<r>.json` per rank (the data-stream position), the run's
+`config.yaml` and, written last, `manifest.json` (every other file's relative path and size).
+Every rank writes into `step_N.partial/` and fsyncs what it wrote; after a barrier rank 0 writes
+the manifest and renames the folder to `step_N/`. A rename is atomic, so a checkpoint folder
+either is complete or does not exist: a run killed mid-write leaves a `.partial` folder that
+resume ignores. Resume takes the newest checkpoint whose files match its manifest and falls back
+to older ones with a warning; a folder without a manifest (written before manifests existed) is
+loaded unverified. A save that fails (disk full, not writable) removes its `.partial` folder,
+keeps the older checkpoints and raises `CheckpointSaveError` on every rank. Random state needs no
+saving: every step seeds its own generators from (seed, step, rank), so it is a function of the
+step.
 """
 from __future__ import annotations
 
@@ -19,16 +26,22 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ddpm_dist.config import Config, ConfigError, config_to_dict, load_config, save_config
-from ddpm_dist.distributed import barrier
+from ddpm_dist.distributed import any_flag, barrier
 from ddpm_dist.training.engines import Engine, checkpoint_format
+from ddpm_dist.training.engines.dcp_files import UnsafeCheckpointError
 from ddpm_dist.utils.files import atomic_write, fsync_dir
 from ddpm_dist.utils.logs import log
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which one and what to do."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written; its partial folder is gone, older checkpoints are kept."""
 
 
 def _rank() -> int:
@@ -53,31 +66,130 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, engine: Engine, extra: dict, keep_last: int, cfg: Config) -> Path:
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, engine: Engine, extra: dict, keep_last: int, cfg: Config,
+                    name: str | None = None) -> Path:
     """Collective: every rank calls it. `extra` is this rank's JSON-able state (data position);
-    the run's config is stored beside the weights so the checkpoint describes itself."""
+    the run's config is stored beside the weights so the checkpoint describes itself. `name`
+    (default `step_N`) other than `step_N` gives a folder that resume and rotation ignore."""
     ckpt_dir = Path(ckpt_dir)
-    final = ckpt_dir / f"step_{step:08d}"
-    partial = ckpt_dir / f"step_{step:08d}.partial"
+    final = ckpt_dir / (name or step_name(step))
+    partial = final.with_name(final.name + ".partial")
+    # Each _agree is an all-reduce, so it is also the barrier between the phases.
+    _agree(_attempt(_prepare, ckpt_dir, partial) if _rank() == 0 else None, final, partial)
+    _agree(_attempt(_write_parts, partial, step, engine, extra, cfg), final, partial)
+    _agree(_attempt(_publish, partial, final, step) if _rank() == 0 else None, final, partial)
     if _rank() == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing
+        if _STEP_DIR.match(final.name):
+            for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info(f"saved checkpoint {final}")
     barrier()
+    return final
+
+
+def _prepare(ckpt_dir: Path, partial: Path) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing
+
+
+def _write_parts(partial: Path, step: int, engine: Engine, extra: dict, cfg: Config) -> None:
+    """This rank's files, each fsynced (DCP's writer, atomic_write, DeepSpeedEngine.save)."""
     engine.save(partial)
     _write_json(partial / f"rank{_rank()}.json", {"step": step, "world_size": _world_size(), **extra})
     if _rank() == 0:
         save_config(cfg, partial / "config.yaml")
-    barrier()
+
+
+def _publish(partial: Path, final: Path, step: int) -> None:
+    """Rank 0, after every rank wrote its part: manifest last, then the rename."""
+    for folder in (partial, *(p for p in partial.rglob("*") if p.is_dir())):
+        fsync_dir(folder)  # the entries of files written without atomic_write (DCP, DeepSpeed)
+    files = {p.relative_to(partial).as_posix(): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+    _write_json(partial / MANIFEST, {"step": step, "files": files})
+    if final.exists():  # the same step saved again (a stop request right after a save)
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+
+
+def _attempt(fn, *args) -> BaseException | None:
+    """Run a save phase; return the error it raised. Not only OSError: on a full disk torch.save
+    inside DCP fails with a RuntimeError from its zip writer."""
+    try:
+        fn(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        return e
+    return None
+
+
+def _agree(error: BaseException | None, final: Path, partial: Path) -> None:
+    """Collective: when any rank's save phase failed, every rank raises CheckpointSaveError after
+    rank 0 removed the partial folder."""
+    if not any_flag(error is not None):
+        return
     if _rank() == 0:
-        if final.exists():  # the same step saved again (a stop request right after a save)
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        fsync_dir(ckpt_dir)
-        for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info(f"saved checkpoint {final}")
+        _remove(partial)
     barrier()
-    return final
+    reason = _first_line(error) if error is not None else "another rank could not write its part"
+    raise CheckpointSaveError(f"could not save checkpoint {final}: {reason} ({_free_space(final.parent)}); "
+                              f"the older checkpoints in {final.parent} are kept")
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free there"
+    except OSError as e:
+        return f"free space unknown: {e.strerror}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint folder is not complete (a file of its manifest missing or of another
+    size), or None. A folder without a manifest predates manifests and is not checked."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        files = _read_json(path / MANIFEST)["files"]
+    except (CheckpointError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is skipped with a
+    warning. None when there is no checkpoint; CheckpointError when none verifies."""
+    found = complete_checkpoints(ckpt_dir)
+    problems = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if not (path / MANIFEST).is_file():
+                log.warning(f"{path} has no {MANIFEST} (written before manifests existed): loading it unverified")
+            return path
+        log.warning(f"skipping checkpoint {path}: {problem}; trying the previous one")
+        problems.append(f"{path.name}: {problem}")
+    if found:
+        raise CheckpointError(f"no checkpoint in {ckpt_dir} is complete ({'; '.join(problems)})")
+    return None
 
 
 def checkpoint_config(path: str | Path) -> Config:
@@ -95,15 +207,20 @@ def _load_engine(path: Path, engine: Engine) -> None:
         raise CheckpointError(f"{path} was written in {written_by} format; resume it with {engines}")
     try:
         engine.load(path)
-    except FileNotFoundError as e:  # a file the format needs is missing
-        name = {"dcp": "DCP", "deepspeed": "DeepSpeed"}[written_by]
-        raise CheckpointError(f"{path} is not a complete {name} checkpoint ({e}); "
-                              f"pick another from {path.parent}") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except BaseException as e:  # DCP's CheckpointException is a BaseException with per-rank traces
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise CheckpointError(f"{path} does not fit this model/optimizer ({_first_line(e)}); was it "
-                              f"written with another config? Compare with {path / 'config.yaml'}") from None
+        raise CheckpointError(_load_error(path, written_by, e)) from None
+
+
+def _load_error(path: Path, written_by: str, e: BaseException) -> str:
+    if isinstance(_root_cause(e), UnsafeCheckpointError):
+        return str(_root_cause(e))
+    if isinstance(e, FileNotFoundError):  # a file the format needs is missing
+        name = {"dcp": "DCP", "deepspeed": "DeepSpeed"}[written_by]
+        return f"{path} is not a complete {name} checkpoint ({e}); pick another from {path.parent}"
+    return (f"{path} does not fit this model/optimizer ({_first_line(e)}); was it "
+            f"written with another config? Compare with {path / 'config.yaml'}")
 
 
 def _check_same_model(path: Path, cfg: Config) -> None:
@@ -120,6 +237,9 @@ def load_checkpoint(path: str | Path, engine: Engine, cfg: Config | None = None)
     """Load engine state (resharding to this world size) and return this rank's extra state.
     With `cfg`, first check that the checkpoint holds the same model."""
     path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a complete checkpoint: {problem}; pick another from {path.parent}")
     if cfg is not None:
         _check_same_model(path, cfg)
     _load_engine(path, engine)
@@ -131,12 +251,18 @@ def load_checkpoint(path: str | Path, engine: Engine, cfg: Config | None = None)
     return extra
 
 
-def _first_line(e: BaseException) -> str:
-    """The root cause's message: DCP wraps each rank's exception in a CheckpointException."""
+def _root_cause(e: BaseException) -> BaseException:
+    """DCP wraps each rank's exception in a CheckpointException: the first one inside."""
     failures = getattr(e, "failures", None)
     if failures:
         e = next(iter(failures.values()))
         e = e[0] if isinstance(e, tuple) else e  # (exception, traceback) per rank
+    return e
+
+
+def _first_line(e: BaseException) -> str:
+    """The root cause's message."""
+    e = _root_cause(e)
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 

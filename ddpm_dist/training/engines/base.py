@@ -18,8 +18,10 @@ from typing import ContextManager
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from ddpm_dist.distributed import any_flag
 from ddpm_dist.training.ema import EMA
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +48,8 @@ class Engine:
     ema: EMA
     device: torch.device
     checkpoint_format: str  # what `save` writes: "dcp" or "deepspeed"
+    # True when a step with non-finite gradients leaves the weights untouched (`StepResult.skipped`).
+    skips_nonfinite_steps: bool = True
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -74,6 +78,12 @@ class Engine:
     def local_params(self) -> list[torch.Tensor]:
         """What this rank holds of each parameter, in the EMA's order."""
         raise NotImplementedError
+
+    def weights_finite(self) -> bool:
+        """Collective: True on every rank when no rank holds a non-finite weight."""
+        parts = [t.to_local() if isinstance(t, DTensor) else t for t in self.local_params()]
+        local = bool(torch.stack([torch.isfinite(t).all() for t in parts]).all())
+        return not any_flag(not local)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:

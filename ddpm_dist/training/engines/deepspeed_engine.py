@@ -17,6 +17,7 @@ from torch import nn
 from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.training.ema import EMA, local_views
+from ddpm_dist.utils.files import atomic_path, fsync_file
 from .base import DEEPSPEED_TAG, Engine, StepResult, autocast_context
 
 INSTALL_HINT = "engine=deepspeed needs `pip install ddpm-dist[deepspeed]`"
@@ -78,6 +79,8 @@ class DeepSpeedEngine(Engine):
         self.names, params = zip(*module.named_parameters())
         self.params = list(params)
         self.ema = EMA(self.local_params(), cfg.train.ema_decay, names=self.names)
+        # bf16/fp32: DeepSpeed applies a step with non-finite gradients (see `step`).
+        self.skips_nonfinite_steps = cfg.train.precision == "fp16"
 
     def local_params(self) -> list[torch.Tensor]:
         """What this rank holds of each parameter: its ZeRO-3 partition, else the tensor."""
@@ -101,17 +104,28 @@ class DeepSpeedEngine(Engine):
         norm = self.model.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
         # fp16: DeepSpeed's scaler skips overflowing steps (it reads the overflow flag on the
-        # host itself). bf16/fp32: it does not check, so a non-finite norm is reported as not
-        # skipped; the loop's guard counts non-finite norms and stops the run.
+        # host itself). bf16/fp32: it does not check, so a non-finite step is applied and
+        # reported as not skipped; `skips_nonfinite_steps` is False and the loop stops at the
+        # first non-finite step it sees.
         skipped = self.model.skipped_steps > skipped_before
         if not skipped:
             self.ema.update(local_views(self.local_params()))
         return StepResult(grad_norm=norm, skipped=torch.tensor(skipped))
 
     def save(self, folder: Path) -> None:
-        """DeepSpeed's checkpoint plus one EMA file per rank (ZeRO-3 EMA is partitioned)."""
+        """DeepSpeed's checkpoint plus one EMA file per rank (ZeRO-3 EMA is partitioned), fsynced."""
         self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
-        torch.save(self.ema.state_dict(), os.path.join(folder, DEEPSPEED_TAG, f"ema_rank{self.info.rank}.pt"))
+        with atomic_path(os.path.join(folder, DEEPSPEED_TAG, f"ema_rank{self.info.rank}.pt")) as tmp:
+            torch.save(self.ema.state_dict(), tmp)
+        self._fsync_own_files(Path(folder))
+
+    def _fsync_own_files(self, folder: Path) -> None:
+        """DeepSpeed does not fsync. Each rank syncs its `zero_pp_rank_<r>_*` files; rank 0 also the
+        shared ones (model states, `latest`)."""
+        own = f"zero_pp_rank_{self.info.rank}_"
+        for path in folder.rglob("*"):
+            if path.is_file() and (own in path.name or (self.info.is_main and "zero_pp_rank_" not in path.name)):
+                fsync_file(path)
 
     def load(self, folder: Path) -> None:
         loaded, _ = self.model.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)

@@ -16,6 +16,7 @@ from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.training.ema import EMA, local_views
 from .base import DTYPES, DynamicLossScaler, Engine, StepResult, autocast_context
+from .dcp_files import SafeFileSystemReader, SafeLoadPlanner, durable_writer
 
 
 def make_adam(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Adam:
@@ -78,15 +79,18 @@ class TorchEngine(Engine):
         return list(self.params)  # the EMA takes DTensor shards' local parts itself
 
     def save(self, folder: Path) -> None:
-        """DCP: every rank writes its shards; any world size can load them."""
-        dcp.save({"engine": self.state_dict()}, checkpoint_id=str(folder))
+        """DCP: every rank writes its shards, fsynced; any world size can load them."""
+        dcp.save({"engine": self.state_dict()}, storage_writer=durable_writer(folder))
 
     def load(self, folder: Path) -> None:
-        """DCP loads into this engine's tensors in place, resharding to this world size."""
+        """DCP loads into this engine's tensors in place, resharding to this world size. Nothing in
+        the folder is unpickled beyond checkpoint data (`dcp_files`)."""
         if not (Path(folder) / ".metadata").is_file():
             raise FileNotFoundError("no .metadata")
         state = {"engine": self.state_dict()}
-        dcp.load(state, checkpoint_id=str(folder))
+        reader = SafeFileSystemReader(folder)
+        reader.read_metadata()  # raises UnsafeCheckpointError here: inside dcp.load it is logged and retried
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
         self.load_state_dict(state["engine"])
 
     def state_dict(self) -> dict:

@@ -1,0 +1,82 @@
+"""DCP checkpoint files written durably and read without running code from them.
+
+DCP pickles its `.metadata` and the non-tensor values of a state dict (Adam's param_groups) and
+unpickles them on load: a crafted checkpoint folder could run code. `SafeFileSystemReader` reads
+`.metadata` with an unpickler that admits only what torch 2.13 writes there: the classes of
+`torch.distributed.checkpoint.metadata`, DCP's `_StorageInfo`, `torch.Size`, dtypes, the layout
+lookup, and the `PosixPath` DCP stores as the checkpoint id; containers and numbers are pickle
+opcodes, not globals. `SafeLoadPlanner` loads the non-tensor values with `weights_only=True`.
+Tensors DCP already loads with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint._traverse import set_element
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+ALLOWED_GLOBALS = frozenset({
+    *((_DCP_METADATA, name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # looks a name up among torch's layouts
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+})
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file asks to load something other than checkpoint data."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in ALLOWED_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"{self.path} refused: it names {module}.{name}, which is not DCP "
+                                    f"checkpoint metadata (load checkpoints only from sources you trust)")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose `.metadata` is read with the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f, path).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path} refused: it holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that unpickles non-tensor values with `weights_only=True`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def durable_writer(folder) -> FileSystemWriter:
+    """Every file fsynced before `dcp.save` returns."""
+    return FileSystemWriter(folder, sync_files=True)
