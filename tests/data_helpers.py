@@ -31,10 +31,11 @@ def write_noise_shards(out, n=120, res=8, max_samples=10) -> str:
     return str(out)
 
 
-def stream_for(url, *, batch=4, rank=0, world=1, workers=0, flip=False, res=8, seed=1):
+def stream_for(url, *, batch=4, rank=0, world=1, workers=0, flip=False, res=8, seed=1, channels=3):
     cfg = Config()
     cfg.data.source, cfg.data.num_workers, cfg.data.flip = url, workers, flip
     cfg.model.resolution, cfg.seed = res, seed
+    cfg.model.in_channels = cfg.model.out_ch = channels
     return build_stream(cfg, batch, rank=rank, world_size=world)
 
 
