@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_dist.config import Config, DiffusionConfig, ModelConfig
 from ddpm_dist.modelio.model_file import load_model_file, save_model_file
@@ -182,6 +183,22 @@ def test_eval_nll_gives_a_grey_model_the_luma_of_the_test_images(tmp_path):
             "--out", tmp_path / "nll.json"]
     assert _tool_main("eval_nll.py")([str(a) for a in argv]) == 0
     assert np.isfinite(json.loads((tmp_path / "nll.json").read_text())["bits_per_dim"])
+
+
+def test_the_grey_demo_model_writes_grey_pngs_and_a_grey_rgb_npz_and_is_scored(tmp_path):
+    """configs/demo_digits.yaml is a 1-channel model: --random-init samples it; PNGs are "L",
+    the npz and the Inception network get the grey channel repeated to RGB."""
+    weights = _random_inception(tmp_path / "inception.pth")
+    out = tmp_path / "grey"
+    argv = ["--random-init", "--config", ROOT / "configs" / "demo_digits.yaml", "--num-samples", N,
+            "--out", out, "--steps", 4, "--device", "cpu", "--batch-size", 6, "--inception-weights", weights]
+    assert _tool_main("fid_sample.py")([str(a) for a in argv]) == 0
+    with Image.open(sample_path(out, 0)) as image:
+        assert image.mode == "L" and image.size == (16, 16)
+    with np.load(out / f"samples_{N}x16x16x3.npz") as data:
+        arr = data["arr_0"]
+    assert arr.shape == (N, 16, 16, 3) and (arr == arr[..., :1]).all() and arr.std() > 0
+    assert np.isfinite(json.loads((out / "result.json").read_text())["inception_score"])
 
 
 def _random_inception(path: Path) -> Path:
