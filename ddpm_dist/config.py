@@ -260,6 +260,7 @@ def _check_model(cfg: Config) -> None:
         if res not in levels:
             raise ConfigError(f"model.attn_resolutions: {res} is not a resolution of the U-Net "
                               f"({', '.join(map(str, levels))}); attention there would never run")
+    _check_channels(cfg.model)
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
 
@@ -272,6 +273,15 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     return cfg
+
+
+def _check_channels(model: ModelConfig) -> None:
+    """Data, sample grids and FID know grey (1) and RGB (3) images; the network predicts ε (or
+    x_0, or the mean) of the image, so its output has the image's channels."""
+    if model.in_channels not in (1, 3):
+        raise ConfigError(f"model.in_channels: must be 1 (grey) or 3 (RGB), got {model.in_channels}")
+    if model.out_ch != model.in_channels:
+        raise ConfigError(f"model.out_ch: must equal model.in_channels ({model.in_channels}), got {model.out_ch}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

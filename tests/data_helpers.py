@@ -31,13 +31,14 @@ def write_noise_shards(out, n=120, res=8, max_samples=10) -> str:
     return str(out)
 
 
-def stream_for(url, *, batch=4, rank=0, world=1, workers=0, flip=False, res=8, seed=1, **data):
+def stream_for(url, *, batch=4, rank=0, world=1, workers=0, flip=False, res=8, seed=1, channels=3, **data):
     """The rank's stream over `url`; extra keywords are DataConfig settings (retries=1, ...)."""
     cfg = Config()
     cfg.data.source, cfg.data.num_workers, cfg.data.flip = url, workers, flip
     for key, value in data.items():
         setattr(cfg.data, key, value)
     cfg.model.resolution, cfg.seed = res, seed
+    cfg.model.in_channels = cfg.model.out_ch = channels
     return build_stream(cfg, batch, rank=rank, world_size=world)
 
 

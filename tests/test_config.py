@@ -66,6 +66,8 @@ def test_retired_keys_in_older_run_configs_are_ignored(tmp_path):
     (["model.resolution=20"], "model.resolution: 20 is not divisible by 2^3"),
     (["train.batch_size"], "override 'train.batch_size' is not of the form key.sub=value"),
     (["modle.ch=64"], "unknown key modle; allowed keys under the top level: model, diffusion"),
+    (["model.in_channels=2", "model.out_ch=2"], "model.in_channels: must be 1 (grey) or 3 (RGB), got 2"),
+    (["model.in_channels=1"], "model.out_ch: must equal model.in_channels (1), got 3"),
 ])
 def test_mistakes_are_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ddpm_dist.data.fs import DataConfigError, DataError
 from ddpm_dist.data.shards import sha256, tar_bytes
-from data_helpers import keys, stream_for, write_noise_shards
+from data_helpers import NoiseSource, keys, stream_for, write_noise_shards
 
 
 def test_batches_are_model_range_and_ranks_disjoint_with_equal_counts(tmp_path):
@@ -106,7 +106,8 @@ def test_missing_index_incomplete_and_empty_are_one_line_errors(tmp_path):
     assert time.monotonic() - t0 < 10
 
 
-def test_an_epoch_holds_every_image_with_memory_stream_values(tmp_path):
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_epoch_holds_every_image_with_memory_stream_values(tmp_path, channels):
     from ddpm_dist.data.convert import make_shards
     from ddpm_dist.data.digits import load_digits_images
     from ddpm_dist.data.memory import to_model_range
@@ -115,8 +116,30 @@ def test_an_epoch_holds_every_image_with_memory_stream_values(tmp_path):
     params = {"source": "digits", "input": "", "resolution": 8, "format": "png", "quality": 95,
               "seed": 0}
     make_shards(DigitsSource(8), str(tmp_path), params=params, max_samples=400, progress=False)
-    s = stream_for(str(tmp_path), batch=3)  # 1797 = 599 * 3: one stream sees each image once
+    s = stream_for(str(tmp_path), batch=3, channels=channels)  # 1797 = 599 * 3: each image once
     epoch = torch.cat(list(itertools.islice(s, s.batches_per_epoch)))
-    want = to_model_range(load_digits_images(8))
+    want = to_model_range(load_digits_images(8, channels))
+    assert epoch.shape == (1797, channels, 8, 8)
     assert sorted(keys(epoch)) == sorted(keys(want)) and torch.equal(
         epoch.sort(0).values, want.sort(0).values)  # bit-identical to MemoryStream's values
+
+
+def test_a_one_channel_stream_decodes_shards_to_pil_grey(tmp_path):
+    """RGB shards, 1-channel model: batches are [B, 1, R, R] of PIL's "L" of each image."""
+    from ddpm_dist.data.memory import to_model_range
+    from ddpm_dist.images import luma
+
+    url = write_noise_shards(tmp_path / "s", n=40)
+    s = stream_for(url, batch=4, channels=1)
+    epoch = torch.cat(list(itertools.islice(s, s.batches_per_epoch)))
+    assert epoch.shape == (40, 1, 8, 8)
+    rgb = NoiseSource(40, 8).images
+    pil_grey = torch.from_numpy(np.stack([np.array(Image.fromarray(im).convert("L")) for im in rgb]))[:, None]
+    assert sorted(keys(epoch)) == sorted(keys(to_model_range(pil_grey)))
+    assert torch.equal(luma(torch.from_numpy(rgb).permute(0, 3, 1, 2)), pil_grey)  # eval_nll's grey
+
+
+def test_channels_other_than_1_or_3_are_refused(tmp_path):
+    url = write_noise_shards(tmp_path / "s", n=8)
+    with pytest.raises(ValueError, match="1 \\(grey\\) or 3 \\(RGB\\) channels, not 2"):
+        stream_for(url, channels=2)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_dist.config import Config, DiffusionConfig, ModelConfig
 from ddpm_dist.modelio.model_file import load_model_file, save_model_file
@@ -34,23 +35,26 @@ N = 12  # ≥ 10: the Inception Score has 10 splits
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _tiny_config(num_timesteps=40) -> Config:
+def _tiny_config(num_timesteps=40, channels=3) -> Config:
     model = ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
-                        resolution=8)
+                        resolution=8, in_channels=channels, out_ch=channels)
     return Config(model=model, diffusion=DiffusionConfig(num_timesteps=num_timesteps))
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    cfg = _tiny_config()
+def _save_random_model(path: Path, channels: int = 3) -> Path:
+    cfg = _tiny_config(channels=channels)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised layers too
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model_file(path, model.state_dict(), cfg)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    return _save_random_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 def _tool(name: str, *args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -218,6 +222,36 @@ def test_eval_nll_is_finite_and_the_same_on_two_ranks(model_file, tmp_path):
     assert np.isfinite(one["bits_per_dim"]) and one["bits_per_dim"] > 0 and one["num_images"] == 6
     assert two["world_size"] == 2
     assert two["bits_per_dim"] == pytest.approx(one["bits_per_dim"], rel=1e-6)
+
+
+def test_eval_nll_gives_a_grey_model_the_luma_of_the_test_images(tmp_path):
+    from ddpm_dist.cli.eval_nll import to_model_input
+    from ddpm_dist.images import luma
+    rgb = torch.randint(0, 256, (2, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    grey = to_model_input(rgb.float() / 255, 1, 8)
+    assert grey.shape == (2, 1, 8, 8) and torch.equal(grey, luma(rgb).float() / 255 * 2 - 1)
+    assert torch.equal(to_model_input(rgb.float() / 255, 3, 8), rgb.float() / 255 * 2 - 1)
+    model = _save_random_model(tmp_path / "grey.safetensors", channels=1)
+    argv = ["--ckpt", model, "--data", "digits", "--num-images", 4, "--batch-size", 2, "--device", "cpu",
+            "--out", tmp_path / "nll.json"]
+    assert _tool_main("eval_nll.py")([str(a) for a in argv]) == 0
+    assert np.isfinite(json.loads((tmp_path / "nll.json").read_text())["bits_per_dim"])
+
+
+def test_the_grey_demo_model_writes_grey_pngs_and_a_grey_rgb_npz_and_is_scored(tmp_path):
+    """configs/demo_digits.yaml is a 1-channel model: --random-init samples it; PNGs are "L",
+    the npz and the Inception network get the grey channel repeated to RGB."""
+    weights = _random_inception(tmp_path / "inception.pth")
+    out = tmp_path / "grey"
+    argv = ["--random-init", "--config", ROOT / "configs" / "demo_digits.yaml", "--num-samples", N,
+            "--out", out, "--steps", 4, "--device", "cpu", "--batch-size", 6, "--inception-weights", weights]
+    assert _tool_main("fid_sample.py")([str(a) for a in argv]) == 0
+    with Image.open(sample_path(out, 0)) as image:
+        assert image.mode == "L" and image.size == (16, 16)
+    with np.load(out / f"samples_{N}x16x16x3.npz") as data:
+        arr = data["arr_0"]
+    assert arr.shape == (N, 16, 16, 3) and (arr == arr[..., :1]).all() and arr.std() > 0
+    assert np.isfinite(json.loads((out / "result.json").read_text())["inception_score"])
 
 
 def _random_inception(path: Path) -> Path:

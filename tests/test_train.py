@@ -1,4 +1,5 @@
 """Training on CPU: it learns the digits, resumes exactly after kill -9, and refuses bad checkpoints."""
+import io
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_dist.config import load_config
 from ddpm_dist.data.digits import load_digits_images
@@ -18,6 +20,7 @@ from ddpm_dist.modelio.model_file import load_model_file, read_model_file
 from ddpm_dist.modelio.source import export_checkpoint
 from ddpm_dist.modelio.factory import build_model
 from ddpm_dist.train import train
+from data_helpers import write_noise_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small U-Net of the paper's design and a 50-step diffusion keep each run to seconds.
@@ -111,6 +114,26 @@ def test_stop_signal_saves_a_checkpoint_at_a_step_boundary(tmp_path):
     assert saved == max(losses(run)) and "stop requested" in err
 
 
+@pytest.mark.parametrize("source", ["digits", "shards"])
+def test_a_grey_model_trains_and_writes_a_grey_sample_grid(tmp_path, source):
+    """configs/demo_digits.yaml is 1-channel: it trains on the digits and on RGB shards (decoded
+    to grey), and its sample grid is an "L" PNG."""
+    overrides = ["train.total_steps=3", "train.sample_every=3"]
+    if source == "shards":
+        overrides.append(f"data.source={write_noise_shards(tmp_path / 'shards', n=40, res=16)}")
+    run = tmp_path / "run"
+    code, err = run_train(run, *overrides)
+    assert code == 0, err
+    assert sorted(losses(run)) == [1, 2, 3] and load_config(run / "config.yaml").model.in_channels == 1
+    with Image.open(run / "samples" / "step_00000003.png") as grid:
+        assert grid.mode == "L" and grid.size == (2 + 2 * 18, 2 + 2 * 18)  # 4 samples of 16², pad 2
+
+
+def test_in_channels_other_than_1_or_3_is_one_error_line(tmp_path):
+    code, err = run_train(tmp_path / "run", "model.in_channels=2", "model.out_ch=2")
+    assert code == 2 and err.strip() == "error: model.in_channels: must be 1 (grey) or 3 (RGB), got 2"
+
+
 def test_tensorboard_events_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -122,6 +145,9 @@ def test_tensorboard_events_read_back(tmp_path):
     assert {"loss", "grad_norm", "lr", "perf/images_per_s"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert "samples/ema" in tags["images"]
+    with Image.open(io.BytesIO(events.Images("samples/ema")[0].encoded_image_string)) as shown:
+        r, g, b = shown.convert("RGB").split()
+        assert r.tobytes() == g.tobytes() == b.tobytes()  # the grey grid, shown as grey
     assert (run / "samples" / "step_00000003.png").is_file()
     assert load_config(run / "config.yaml").train.total_steps == 3
 
@@ -144,13 +170,13 @@ def test_demo_learns_the_digits(tmp_path):
     trained, diffusion = load_model_file(tmp_path / "model.safetensors")
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg.model).eval()
-    data = to_model_range(load_digits_images(16))
+    data = to_model_range(load_digits_images(16, cfg.model.in_channels))
 
     def stats(images):  # the mean image and the overall pixel spread
         return images.mean(0), images.std()
 
     data_mean, data_std = stats(data)
-    shape = (32, 3, 16, 16)
+    shape = (32, cfg.model.in_channels, 16, 16)
     for_model = lambda m: diffusion.p_sample_loop(m, shape, generator=torch.Generator().manual_seed(0))
     before, after = stats(for_model(untrained)), stats(for_model(trained))
     dist = lambda s: ((s[0] - data_mean).square().mean().sqrt().item(), abs(s[1] - data_std).item())

@@ -17,13 +17,14 @@ import torch
 from tqdm import tqdm
 
 from ddpm_dist import distributed
+from ddpm_dist.distributed import all_reduce_sum
+from ddpm_dist.images import luma
 from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool
-from ddpm_dist.utils.files import atomic_write
-from ddpm_dist.distributed import all_reduce_sum
+from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
 from ddpm_dist.noise import SampleNoise
-from ddpm_dist.modelio.model_file import weights_sha256
+from ddpm_dist.utils.files import atomic_write
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,10 +51,15 @@ def open_test_set(data: str, resolution: int):
 
 
 def to_model_input(images: torch.Tensor, channels: int, resolution: int) -> torch.Tensor:
-    """[0, 1] float [B, 3, H, W] → [-1, 1] at the model's shape (as training sees data)."""
+    """[0, 1] float [B, 3, H, W] → [-1, 1] at the model's shape (as training sees data: a
+    1-channel model gets the grey that the shard stream decodes, PIL's "L")."""
     if images.shape[-1] != resolution or images.shape[-2] != resolution:
         raise ValueError(f"test images are {tuple(images.shape[-2:])}, the model wants {resolution}²")
-    return (images * 2 - 1)[:, :channels]
+    if channels not in (1, 3):
+        raise ValueError(f"the model has {channels} input channels; test images are grey (1) or RGB (3)")
+    if channels == 1:
+        images = luma((images * 255).round().to(torch.uint8)).float() / 255
+    return images * 2 - 1
 
 
 def bpd_sums(model, diffusion, images, indices, args, device, show: bool) -> torch.Tensor:

@@ -14,7 +14,8 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class MemoryStream:
-    """Endless batches of `batch_size` images for one rank.
+    """Endless batches of `batch_size` images for one rank: uint8 [N, C, H, W] images in,
+    float32 [B, C, H, W] batches in [-1, 1] out, with the images' channel count C.
 
     Each epoch is a permutation seeded by (seed, epoch); rank r takes every world_size-th index,
     so ranks see disjoint images and the same number of batches. The position (epoch, batch)

@@ -56,6 +56,7 @@ class Plan:
     base: str
     shards: tuple[tuple[str, int, str], ...]  # (name, samples, sha256)
     resolution: int
+    channels: int  # 1: decoded to grey ("L"), 3: to RGB
     batch_size: int
     rank: int
     world_size: int
@@ -89,16 +90,21 @@ class Plan:
         return int(pool[self.rng(epoch, stream, position).integers(len(pool))])
 
 
-def decode(data: bytes, resolution: int, flip: bool = False) -> np.ndarray:
-    """Image bytes → uint8 [R, R, 3]; other sizes are centre-cropped and resized."""
+PIL_MODES = {1: "L", 3: "RGB"}  # model channels → the PIL mode images are decoded to
+
+
+def decode(data: bytes, resolution: int, flip: bool = False, channels: int = 3) -> np.ndarray:
+    """Image bytes → uint8 [R, R, channels]; other sizes are centre-cropped and resized.
+    channels=1 converts to grey with PIL's "L" (ITU-R 601-2 luma)."""
+    mode = PIL_MODES[channels]
     with Image.open(io.BytesIO(data)) as img:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        if img.mode != mode:
+            img = img.convert(mode)
         if img.size != (resolution, resolution):
             img = centre_crop_resize(img, resolution)
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.array(img)
+        return np.array(img).reshape(resolution, resolution, channels)
 
 
 @dataclass
@@ -230,7 +236,7 @@ def _check_shard(shard: ShardRead, slot: int, corrupt: int) -> None:
 
 def _decode_or_none(data: bytes, plan: Plan, flip: bool) -> np.ndarray | None:
     try:
-        return decode(data, plan.resolution, flip)
+        return decode(data, plan.resolution, flip, plan.channels)
     except Exception:  # noqa: BLE001 - any undecodable sample is skipped (counted, not fatal)
         return None
 
@@ -267,17 +273,17 @@ class _RankDataset(IterableDataset):
 
 
 def put_model_range(slot: torch.Tensor, image: np.ndarray) -> None:
-    """uint8 [R, R, 3] → float [3, R, R] in [-1, 1] in place: to_model_range's arithmetic,
+    """uint8 [R, R, C] → float [C, R, R] in [-1, 1] in place: to_model_range's arithmetic,
     done per image while it is still in cache rather than over a whole stacked batch."""
     slot.copy_(torch.from_numpy(image).permute(2, 0, 1)).div_(127.5).sub_(1.0)
 
 
 def _next_batch(samples, plan: Plan):
-    """([B, 3, R, R] in [-1, 1], samples skipped meanwhile, cursor after the batch).
+    """([B, C, R, R] in [-1, 1], samples skipped meanwhile, cursor after the batch).
 
     Built in the loader worker, off the training process.
     """
-    batch = torch.empty(plan.batch_size, 3, plan.resolution, plan.resolution)
+    batch = torch.empty(plan.batch_size, plan.channels, plan.resolution, plan.resolution)
     n = skipped = 0
     while n < plan.batch_size:
         image, sk, cursor = next(samples)
@@ -301,7 +307,7 @@ def _one_line_errors(batches):
 class ShardStream:
     """Endless batches for one rank from shards under a folder or s3:// URL with index.json.
 
-    The same interface as MemoryStream: iterate for float32 [B, 3, R, R] batches in [-1, 1];
+    The same interface as MemoryStream: iterate for float32 [B, C, R, R] batches in [-1, 1];
     state_dict()/load_state_dict() hold the position. `skipped` counts corrupt or missing
     samples so far (for TensorBoard).
     """
@@ -356,16 +362,19 @@ class ShardStream:
 
 
 def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, world_size: int,
-                      seed: int, data_cfg) -> ShardStream:
-    """Read index.json (failing at once with one DataError line) and build the rank's stream."""
+                      seed: int, data_cfg, channels: int = 3) -> ShardStream:
+    """Read index.json (failing at once with one DataError line) and build the rank's stream of
+    `channels`-channel images (1: grey, 3: RGB)."""
+    if channels not in PIL_MODES:
+        raise ValueError(f"shards decode to 1 (grey) or 3 (RGB) channels, not {channels}")
     index = load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=data_cfg.s3_endpoint,
                                      check=True), url)
     if index["resolution"] != resolution:
         log.warning("%s: shards are %d², model wants %d²: resizing while decoding", url,
                     index["resolution"], resolution)
     shards = tuple((s["name"], int(s["samples"]), s["sha256"]) for s in index["shards"])
-    plan = Plan(base=url.rstrip("/"), shards=shards, resolution=resolution, batch_size=batch_size,
-                rank=rank, world_size=world_size, workers=data_cfg.num_workers, seed=seed,
+    plan = Plan(base=url.rstrip("/"), shards=shards, resolution=resolution, channels=channels,
+                batch_size=batch_size, rank=rank, world_size=world_size, workers=data_cfg.num_workers, seed=seed,
                 flip=data_cfg.flip, endpoint=data_cfg.s3_endpoint, retries=data_cfg.retries,
                 retry_wait=data_cfg.retry_wait, max_skip_fraction=data_cfg.max_skip_fraction)
     return ShardStream(plan)

@@ -139,7 +139,7 @@ class MetricsWriter:
         self.jsonl.flush()
 
     def image(self, step: int, name: str, grid: torch.Tensor) -> None:
-        """grid: uint8 [3, H, W]."""
+        """grid: uint8 [C, H, W]; TensorBoard stores C=1 (grey) as grey RGB."""
         if self.enabled:
             self.tb.add_image(name, grid, step)
 
