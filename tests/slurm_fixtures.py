@@ -8,6 +8,8 @@ A cluster this session started is stopped at the end.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -24,12 +26,35 @@ def _read_env_sh(path: Path) -> dict:
     return dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
 
 
+_PORT_IN_USE = re.compile(r"is in use \(set (SLURM_TEST_\w+_PORT)\)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_cluster() -> subprocess.CompletedProcess:
+    """slurm_up.sh on its default ports; when another service holds one of them, the script
+    names the variable that moves it: move it to a free port and start again (at most once per
+    port)."""
+    env = dict(os.environ)
+    for _ in range(5):
+        proc = subprocess.run([str(SERVICES / "slurm_up.sh")], env=env, capture_output=True, text=True)
+        taken = _PORT_IN_USE.search(proc.stderr)
+        if proc.returncode == 0 or not taken:
+            return proc
+        env[taken.group(1)] = str(_free_port())
+    return proc
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The SLURM_CONF / SLURM_TEST_* variables, also exported to this process (and so to the
     sbatch, sacct and scancel it runs) for the whole session."""
     state_dir = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/slurm-test"))
-    proc = subprocess.run([str(SERVICES / "slurm_up.sh")], capture_output=True, text=True)
+    proc = _start_cluster()
     if proc.returncode != 0:
         pytest.fail(f"Slurm test cluster did not start: {proc.stderr.strip()[-800:]}", pytrace=False)
     was_up = "already running" in proc.stderr

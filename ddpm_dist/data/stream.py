@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
+import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -304,6 +305,15 @@ def _one_line_errors(batches):
         raise kind(line.removeprefix(f"{kind.__module__}.{kind.__name__}: ")) from None
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """In each loader worker: leave stop signals to the main process, which stops the workers
+    itself. Slurm's --signal, scancel and Ctrl-C reach the whole process group; a worker killed
+    by one would end the run with "DataLoader worker exited unexpectedly" instead of a
+    checkpoint. Orphaned workers still exit: DataLoader's watchdog ends them with their parent."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardStream:
     """Endless batches for one rank from shards under a folder or s3:// URL with index.json.
 
@@ -331,7 +341,7 @@ class ShardStream:
         if self.plan.workers and self.plan.base.startswith("s3://"):
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])  # workers fork with torch etc. imported
-        return DataLoader(ds, batch_size=None, num_workers=self.plan.workers,
+        return DataLoader(ds, batch_size=None, num_workers=self.plan.workers, worker_init_fn=ignore_stop_signals,
                           multiprocessing_context=context, persistent_workers=self.plan.workers > 0)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
