@@ -204,3 +204,65 @@ def test_submit_bad_config_fails_at_submit_time(tmp_path, capsys):
     from ddpm_dist.cli import submit
     code = submit.main(["--config", "configs/demo_digits.yaml", "--folder", str(tmp_path), "model.ch=abc"])
     assert code == 2 and "error: model.ch: expected int" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ evaluation tools on Slurm ---
+
+def _eval_tool(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _on_slurm(cluster) -> list:
+    return ["--launcher", "slurm", "--gpus-per-node", 0, "--cpus-per-task", 1, "--timeout-min", 10,
+            "--partition", cluster["SLURM_TEST_PARTITION"]]
+
+
+def test_fid_sample_on_slurm_writes_the_samples_of_a_local_run(slurm_cluster, tmp_path):
+    from test_sampling import _pngs, _save_random_model
+    model = _save_random_model(tmp_path / "tiny.safetensors")
+    common = ["--ckpt", model, "--num-samples", 6, "--seed", 7, "--device", "cpu", "--world-size", 2,
+              "--batch-size", 2]
+    _eval_tool("fid_sample.py", *common, "--out", tmp_path / "local", "--launcher", "local")
+    _eval_tool("fid_sample.py", *common, "--out", tmp_path / "slurm", *_on_slurm(slurm_cluster))
+    assert _pngs(tmp_path / "slurm") == _pngs(tmp_path / "local") and len(_pngs(tmp_path / "local")) == 6
+    assert json.loads((tmp_path / "slurm" / "result.json").read_text())["world_size"] == 2
+
+
+def test_a_cancelled_slurm_sampling_job_rerun_ends_with_exactly_n_samples(slurm_cluster, tmp_path):
+    from ddpm_dist.evaluation.generate import missing_indices
+    from test_sampling import _pngs, _save_random_model
+    model, n = _save_random_model(tmp_path / "tiny.safetensors"), 60
+    common = ["--ckpt", model, "--num-samples", n, "--seed", 7, "--device", "cpu", "--world-size", 2,
+              "--batch-size", 1]
+    out = tmp_path / "slurm"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "fid_sample.py"), *map(str, common),
+                             "--out", str(out), *map(str, _on_slurm(slurm_cluster))], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the first sample", lambda: len(missing_indices(out, n)) < n, timeout=240, interval=0.02)
+        job_id = wait_for("the job id", lambda: subprocess.run(
+            ["squeue", "-h", "-o", "%i", "-n", "ddpm-eval"], capture_output=True, text=True).stdout.split(), 30)[0]
+        subprocess.run(["scancel", job_id], check=True)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "fid_sample.py: error:" in err.strip().splitlines()[-1], err[-2000:]
+    assert 0 < n - len(missing_indices(out, n)) < n, "the cancel landed mid-run"
+    _eval_tool("fid_sample.py", *common, "--out", out, *_on_slurm(slurm_cluster))
+    _eval_tool("fid_sample.py", *common, "--out", tmp_path / "local", "--launcher", "local")
+    assert _pngs(out) == _pngs(tmp_path / "local") and len(_pngs(out)) == n
+
+
+def test_eval_nll_on_slurm_equals_a_local_run(slurm_cluster, tmp_path):
+    from test_sampling import _save_random_model
+    model = _save_random_model(tmp_path / "tiny.safetensors")
+    common = ["--ckpt", model, "--data", "digits", "--num-images", 4, "--batch-size", 2, "--device", "cpu",
+              "--world-size", 2]
+    _eval_tool("eval_nll.py", *common, "--out", tmp_path / "local.json", "--launcher", "local")
+    _eval_tool("eval_nll.py", *common, "--out", tmp_path / "slurm.json", *_on_slurm(slurm_cluster))
+    local, slurm = (json.loads((tmp_path / f).read_text()) for f in ("local.json", "slurm.json"))
+    assert slurm["bits_per_dim"] == local["bits_per_dim"] and slurm["world_size"] == 2
