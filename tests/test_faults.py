@@ -152,9 +152,28 @@ def test_loader_workers_ignore_stop_signals(tmp_path):
     next(batches)
     workers = [pid for pid in _children() if pid not in before]
     assert len(workers) == 2
-    for pid in workers:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-            os.kill(pid, sig)
+    for sig in ("TERM", "INT", "USR1", "USR2"):  # sent by another process, as Slurm's are
+        subprocess.run(["kill", f"-{sig}", *map(str, workers)], check=True)
     for _ in range(3 * 50):  # three epochs: every worker must keep producing
         next(batches)
     assert all(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_a_process_that_leaves_its_stream_open_still_exits(tmp_path):
+    # Workers ignore stop signals from others, but not the shutdown their own main process
+    # asks for: at exit, multiprocessing terminates (SIGTERM) and then joins every worker.
+    from data_helpers import write_noise_shards
+    shards = write_noise_shards(tmp_path / "shards", n=40, res=8, max_samples=10)
+    script = ("import sys; sys.path.insert(0, 'tests'); from data_helpers import stream_for\n"
+              f"batches = iter(stream_for({shards!r}, workers=2, batch=4)); next(batches)\n"
+              "print('read a batch', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *(int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())]:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail("the process did not exit within 120 s after its last statement")
+    assert out == "read a batch\n" and proc.returncode == 0

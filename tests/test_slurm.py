@@ -250,7 +250,8 @@ def test_a_cancelled_slurm_sampling_job_rerun_ends_with_exactly_n_samples(slurm_
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode != 0 and "fid_sample.py: error:" in err.strip().splitlines()[-1], err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith(f"fid_sample.py: error: Slurm job {job_id} did not finish"), err[-2000:]
     assert 0 < n - len(missing_indices(out, n)) < n, "the cancel landed mid-run"
     _eval_tool("fid_sample.py", *common, "--out", out, *_on_slurm(slurm_cluster))
     _eval_tool("fid_sample.py", *common, "--out", tmp_path / "local", "--launcher", "local")
@@ -266,3 +267,18 @@ def test_eval_nll_on_slurm_equals_a_local_run(slurm_cluster, tmp_path):
     _eval_tool("eval_nll.py", *common, "--out", tmp_path / "slurm.json", *_on_slurm(slurm_cluster))
     local, slurm = (json.loads((tmp_path / f).read_text()) for f in ("local.json", "slurm.json"))
     assert slurm["bits_per_dim"] == local["bits_per_dim"] and slurm["world_size"] == 2
+
+
+def test_a_task_of_a_submitted_job_never_submits_another(tmp_path, monkeypatch):
+    # A job's tasks inherit the submitting environment; one that cannot see srun's rank
+    # variables must stop with one line, not submit a job of its own (and so on, without end).
+    from test_sampling import _save_random_model
+    model = _save_random_model(tmp_path / "tiny.safetensors")
+    for name in ("SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DDPM_SUBMITTED_BY_LAUNCHER", "1")
+    proc = _eval_tool("fid_sample.py", "--ckpt", model, "--num-samples", 2, "--device", "cpu", "--world-size", 2,
+                      "--out", tmp_path / "out", "--launcher", "slurm", "--gpus-per-node", 0, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("fid_sample.py: error: this process runs inside a job"), proc.stderr
+    assert not (tmp_path / "out" / "slurm").exists()

@@ -28,9 +28,11 @@ shards), so a position is just two integers per stream:
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -305,13 +307,25 @@ def _one_line_errors(batches):
         raise kind(line.removeprefix(f"{kind.__module__}.{kind.__name__}: ")) from None
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def ignore_stop_signals(main_pid: int, worker_id: int) -> None:
     """In each loader worker: leave stop signals to the main process, which stops the workers
     itself. Slurm's --signal, scancel and Ctrl-C reach the whole process group; a worker killed
     by one would end the run with "DataLoader worker exited unexpectedly" instead of a
-    checkpoint. Orphaned workers still exit: DataLoader's watchdog ends them with their parent."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+    checkpoint. A SIGTERM from the main process itself (multiprocessing's shutdown of its
+    workers at exit) still ends the worker: a thread waits for SIGTERM and reads who sent it.
+    Orphaned workers still exit: DataLoader's watchdog ends them with their parent."""
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    # Blocked here, before any other thread starts, so that only the waiting thread takes it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(main_pid,), daemon=True,
+                     name="sigterm-from-main").start()
+
+
+def _exit_on_sigterm_from(main_pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+        pass
+    os._exit(128 + signal.SIGTERM)
 
 
 class ShardStream:
@@ -341,7 +355,8 @@ class ShardStream:
         if self.plan.workers and self.plan.base.startswith("s3://"):
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])  # workers fork with torch etc. imported
-        return DataLoader(ds, batch_size=None, num_workers=self.plan.workers, worker_init_fn=ignore_stop_signals,
+        return DataLoader(ds, batch_size=None, num_workers=self.plan.workers,
+                          worker_init_fn=functools.partial(ignore_stop_signals, os.getpid()),
                           multiprocessing_context=context, persistent_workers=self.plan.workers > 0)
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -30,6 +30,9 @@ def package_env(env: dict | None = None) -> dict:
     return env
 
 
+_SUBMITTED_MARK = "DDPM_SUBMITTED_BY_LAUNCHER"  # set in the environment a submitted job inherits
+
+
 def needs_launch(world_size: int) -> bool:
     """True when this process must start the ranks itself (not inside torchrun/srun, W > 1)."""
     return detect_launch().source == "single" and world_size > 1
@@ -84,6 +87,11 @@ def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: i
     nodes. `gpus_per_node=0`: W CPU tasks on one node. CPUs per task default to 8 with GPUs, 1
     without."""
     import submitit  # optional: only this launcher needs it
+    if os.environ.get(_SUBMITTED_MARK):
+        # A task of a job we submitted that cannot see srun's rank variables: stop here rather
+        # than submit a job from every task (and again from theirs).
+        raise RuntimeError("this process runs inside a job submitted by --launcher slurm but srun "
+                           "set no SLURM_PROCID/SLURM_NTASKS; run the job's tasks under srun")
     if gpus_per_node < 0 or world_size < 1:
         raise ValueError(f"--gpus-per-node must be >= 0 and --world-size >= 1, got {gpus_per_node}, {world_size}")
     per_node = min(world_size, gpus_per_node) if gpus_per_node else world_size
@@ -95,12 +103,33 @@ def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: i
                        cpus_per_task=cpus_per_task or (8 if gpus_per_node else 1), timeout_min=timeout_min,
                        partition=partition, name="ddpm-eval")
     executor = make_executor(folder, res)
-    job = executor.submit(submitit.helpers.CommandFunction([sys.executable, "-m", module, *argv],
-                                                           cwd=os.getcwd(), env=package_env()))
+    # sbatch exports this process's environment to the job; srun then adds SLURM_PROCID and
+    # SLURM_NTASKS in each task. Passing an environment to the command instead would replace
+    # those, and every task would think it is the launcher.
+    saved = dict(os.environ)
+    os.environ.update(package_env(), **{_SUBMITTED_MARK: "1"})
+    try:
+        job = executor.submit(submitit.helpers.CommandFunction([sys.executable, "-m", module, *argv],
+                                                               cwd=os.getcwd()))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     print(f"submitted Slurm job {job.job_id}: {world_size} tasks on {nodes} node(s); logs in {folder}",
           flush=True)
-    job.results()  # raises with the failing task's log if any task failed
+    try:
+        job.results()
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
+        raise RuntimeError(_job_failure(job, err, folder)) from None
     return 0
+
+
+def _job_failure(job, err: Exception, folder: str | Path) -> str:
+    """One line for a job that did not finish: where a task ended with a tool's own error line,
+    that line (submitit's message holds whole logs and tracebacks). Slurm's own state is not
+    used: without accounting it stays PENDING for a cancelled job."""
+    errors = [line.split(": error: ", 1)[1].strip() for line in str(err).splitlines() if ": error: " in line]
+    why = errors[-1] if errors else "cancelled, out of time, or a task failed"
+    return f"Slurm job {job.job_id} did not finish ({why}); each task's log is in {folder}"
 
 
 def add_launch_arguments(parser) -> None:
