@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ddpm_dist"
 TOOLS = {"fid": "ddpm-fid", "fid_stats": "ddpm-fid-stats", "fid_sample": "ddpm-fid-sample",
          "eval_nll": "ddpm-eval-nll", "export": "ddpm-export", "make_shards": "ddpm-make-shards",
-         "convert_diffusers": "ddpm-convert-diffusers"}
+         "convert_diffusers": "ddpm-convert-diffusers", "track_fid": "ddpm-track-fid"}
 
 
 def module_names() -> list[str]:
@@ -115,9 +115,11 @@ def test_tool_runs_as_script_and_as_console_script(tool):
     assert shim_out.startswith(f"usage: {tool}.py") and cli_out.startswith(f"usage: {TOOLS[tool]}")
 
 
-def test_submit_and_train_run_as_documented():
+def test_submit_reproduce_and_train_run_as_documented():
     procs = [_help([sys.executable, str(ROOT / "launch" / "submit.py")]),
              _help([str(Path(sys.executable).parent / "ddpm-submit")]),
+             _help([sys.executable, str(ROOT / "launch" / "reproduce.py")]),
+             _help([str(Path(sys.executable).parent / "ddpm-reproduce")]),
              _help([sys.executable, "-m", "ddpm_dist.train"]),
              _help([str(Path(sys.executable).parent / "ddpm-train")])]
     for proc in procs:

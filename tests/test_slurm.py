@@ -276,7 +276,7 @@ def test_a_task_of_a_submitted_job_never_submits_another(tmp_path, monkeypatch):
     model = _save_random_model(tmp_path / "tiny.safetensors")
     for name in ("SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DDPM_SUBMITTED_BY_LAUNCHER", "1")
+    monkeypatch.setenv("DDPM_SUBMITTED_MODULE", "ddpm_dist.cli.fid_sample")
     proc = _eval_tool("fid_sample.py", "--ckpt", model, "--num-samples", 2, "--device", "cpu", "--world-size", 2,
                       "--out", tmp_path / "out", "--launcher", "slurm", "--gpus-per-node", 0, check=False)
     last = proc.stderr.strip().splitlines()[-1]

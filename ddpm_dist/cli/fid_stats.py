@@ -1,13 +1,15 @@
 """Reference statistics: `python tools/fid_stats.py SRC --out stats.npz` writes mu, sigma.
 
-SRC is an image folder or an ADM-style sample .npz (arr_0). The output is pytorch-fid's
-format, usable as A or B of tools/fid.py.
+SRC is an image folder, shards written by tools/make_shards.py (a folder or s3:// URL with
+index.json: the training set as the model saw it), or an ADM-style sample .npz (arr_0). The
+output is pytorch-fid's format, usable as A or B of tools/fid.py.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ddpm_dist.data.fs import DataError
 from ddpm_dist.metrics.evaluate import add_inception_arguments, inception_statistics
 from ddpm_dist.metrics.image_sources import open_images
 from ddpm_dist.metrics.inception import PIPELINE, load_inception
@@ -26,7 +28,7 @@ def main(argv=None) -> None:
         stats, _ = inception_statistics(model, images, batch_size=args.batch_size,
                                         num_workers=args.num_workers, device=args.device)
         mu, sigma = stats.mean_cov()
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, DataError) as err:
         sys.exit(f"fid_stats.py: error: {err}")
     save_stats(args.out, mu, sigma)
     print(f"wrote {args.out}: {len(images)} images; pipeline: {PIPELINE}")

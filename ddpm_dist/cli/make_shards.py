@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "can run code, so convert only a download you trust.")
     p.add_argument("--source", required=True, choices=["folder", "cifar10", "lsun", "digits"])
     p.add_argument("--input", help="folder / cifar-10-batches-py / *_lmdb folder")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="cifar10: which split")
     p.add_argument("--out", required=True, help="local folder or s3://bucket/prefix/")
     p.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most")
     p.add_argument("--max-bytes", type=int, default=64 << 20, help="bytes per shard, about")
@@ -58,10 +59,11 @@ def check_args(args) -> None:
 
 
 def convert(args) -> dict:
-    source = open_source(args.source, args.input, args.resolution)
+    source = open_source(args.source, args.input, args.resolution, args.split)
     params = {"source": args.source, "input": os.path.basename(os.path.normpath(args.input or "")),
               "resolution": args.resolution or _native_resolution(source), "format": args.format,
-              "quality": args.quality, "seed": args.seed}
+              "quality": args.quality, "seed": args.seed,
+              **({"split": args.split} if args.split != "train" else {})}  # train sets keep their old params
     return make_shards(source, args.out, params=params, max_samples=args.max_samples,
                        max_bytes=args.max_bytes, workers=args.workers,
                        endpoint=args.s3_endpoint, progress=not args.no_progress)

@@ -42,13 +42,16 @@ class FolderSource:
 
 
 class Cifar10Source:
-    """The training set of the CIFAR-10 python version: data_batch_1..5 (pickled dicts).
-    The format is pickle, and unpickling a file can run code: convert only a download you trust."""
+    """A split of the CIFAR-10 python version: train is data_batch_1..5, test is test_batch
+    (pickled dicts). The format is pickle, and unpickling a file can run code: convert only a
+    download you trust (its sha256 is checked by `ddpm_dist.reproduce.datasets`)."""
 
-    def __init__(self, root: str):
-        files = sorted(Path(root).glob("data_batch_*"))
+    SPLITS = {"train": "data_batch_*", "test": "test_batch"}
+
+    def __init__(self, root: str, split: str = "train"):
+        files = sorted(Path(root).glob(self.SPLITS[split]))
         if not files:
-            raise FileNotFoundError(f"{root}: no data_batch_* files (CIFAR-10 python version)")
+            raise FileNotFoundError(f"{root}: no {self.SPLITS[split]} files (CIFAR-10 python version)")
         batches = [self._read(f) for f in files]
         self.data = np.concatenate([b for b, _ in batches])  # [N, 3072] uint8, CHW planes
         self.names = [n for _, names in batches for n in names]
@@ -116,9 +119,14 @@ class DigitsSource:
         return Image.fromarray(self.images[int(sid)])
 
 
-def open_source(kind: str, path: str | None, resolution: int | None):
+def open_source(kind: str, path: str | None, resolution: int | None, split: str = "train"):
+    """The images of `kind` at `path`. Only CIFAR-10 has a test split; the others are one set."""
+    if split != "train" and kind != "cifar10":
+        raise ValueError(f"--split {split}: only --source cifar10 has a test split")
     if kind == "digits":
         return DigitsSource(resolution)
     if path is None:
         raise ValueError(f"--source {kind} needs --input")
-    return {"folder": FolderSource, "cifar10": Cifar10Source, "lsun": LsunSource}[kind](path)
+    if kind == "cifar10":
+        return Cifar10Source(path, split)
+    return {"folder": FolderSource, "lsun": LsunSource}[kind](path)

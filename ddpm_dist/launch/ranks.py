@@ -30,7 +30,7 @@ def package_env(env: dict | None = None) -> dict:
     return env
 
 
-_SUBMITTED_MARK = "DDPM_SUBMITTED_BY_LAUNCHER"  # set in the environment a submitted job inherits
+_SUBMITTED_MARK = "DDPM_SUBMITTED_MODULE"  # in the environment a submitted job inherits: its module
 
 
 def needs_launch(world_size: int) -> bool:
@@ -80,18 +80,10 @@ def _wait_all(procs: list[subprocess.Popen]) -> int:
         time.sleep(0.2)
 
 
-def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: int, folder: str | Path,
-              partition: str | None = None, timeout_min: int = 24 * 60, cpus_per_task: int | None = None) -> int:
-    """A submitit job of W tasks, each running `python -m module argv` (srun sets SLURM_PROCID,
-    which the ranks read); waits for it. With GPUs: one GPU per task over ceil(W / gpus_per_node)
-    nodes. `gpus_per_node=0`: W CPU tasks on one node. CPUs per task default to 8 with GPUs, 1
-    without."""
-    import submitit  # optional: only this launcher needs it
-    if os.environ.get(_SUBMITTED_MARK):
-        # A task of a job we submitted that cannot see srun's rank variables: stop here rather
-        # than submit a job from every task (and again from theirs).
-        raise RuntimeError("this process runs inside a job submitted by --launcher slurm but srun "
-                           "set no SLURM_PROCID/SLURM_NTASKS; run the job's tasks under srun")
+def eval_resources(world_size: int, *, gpus_per_node: int, cpus_per_task: int | None = None,
+                   timeout_min: int = 24 * 60, partition: str | None = None, name: str = "ddpm-eval") -> JobResources:
+    """W tasks: one GPU each over ceil(W / gpus_per_node) nodes, or with `gpus_per_node=0` W CPU
+    tasks on one node. CPUs per task default to 8 with GPUs, 1 without."""
     if gpus_per_node < 0 or world_size < 1:
         raise ValueError(f"--gpus-per-node must be >= 0 and --world-size >= 1, got {gpus_per_node}, {world_size}")
     per_node = min(world_size, gpus_per_node) if gpus_per_node else world_size
@@ -99,22 +91,43 @@ def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: i
     if nodes * per_node != world_size:
         raise ValueError(f"--world-size {world_size} must be at most --gpus-per-node {gpus_per_node} "
                          f"or a multiple of it (Slurm starts the same task count on every node)")
-    res = JobResources(nodes=nodes, tasks_per_node=per_node, gpus_per_node=per_node if gpus_per_node else 0,
-                       cpus_per_task=cpus_per_task or (8 if gpus_per_node else 1), timeout_min=timeout_min,
-                       partition=partition, name="ddpm-eval")
-    executor = make_executor(folder, res)
+    return JobResources(nodes=nodes, tasks_per_node=per_node, gpus_per_node=per_node if gpus_per_node else 0,
+                        cpus_per_task=cpus_per_task or (8 if gpus_per_node else 1), timeout_min=timeout_min,
+                        partition=partition, name=name)
+
+
+def submit_command(module: str, argv: list[str], folder: str | Path, res: JobResources, *,
+                   after: list[str] = ()):
+    """Submit a job whose every task runs `python -m module argv` (srun sets SLURM_PROCID, which
+    ranks read); returns the submitit Job without waiting."""
+    import submitit  # optional: only this launcher needs it
+    if os.environ.get(_SUBMITTED_MARK) == module:
+        # A task of a job we submitted to run this same module, which cannot see srun's rank
+        # variables: stop here rather than submit a job from every task (and again from theirs).
+        raise RuntimeError("this process runs inside a job submitted by --launcher slurm but srun "
+                           "set no SLURM_PROCID/SLURM_NTASKS; run the job's tasks under srun")
+    executor = make_executor(folder, res, after=after)
     # sbatch exports this process's environment to the job; srun then adds SLURM_PROCID and
     # SLURM_NTASKS in each task. Passing an environment to the command instead would replace
     # those, and every task would think it is the launcher.
     saved = dict(os.environ)
-    os.environ.update(package_env(), **{_SUBMITTED_MARK: "1"})
+    os.environ.update(package_env(), **{_SUBMITTED_MARK: module})
     try:
-        job = executor.submit(submitit.helpers.CommandFunction([sys.executable, "-m", module, *argv],
-                                                               cwd=os.getcwd()))
+        return executor.submit(submitit.helpers.CommandFunction([sys.executable, "-m", module, *argv],
+                                                                cwd=os.getcwd()))
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    print(f"submitted Slurm job {job.job_id}: {world_size} tasks on {nodes} node(s); logs in {folder}",
+
+
+def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: int, folder: str | Path,
+              partition: str | None = None, timeout_min: int = 24 * 60, cpus_per_task: int | None = None) -> int:
+    """`submit_command` on `eval_resources`, waiting for the job; one error line if it fails."""
+    import submitit
+    res = eval_resources(world_size, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                         timeout_min=timeout_min, partition=partition)
+    job = submit_command(module, argv, folder, res)
+    print(f"submitted Slurm job {job.job_id}: {world_size} tasks on {res.nodes} node(s); logs in {folder}",
           flush=True)
     try:
         job.results()

@@ -2,6 +2,7 @@
 (`ddpm-submit`, launch/submit.py) and evaluation ranks (`--launcher slurm`) both come here."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,13 @@ class JobResources:
 
 
 def make_executor(folder: str | Path, res: JobResources, *, local: bool = False, requeue: bool = False,
-                  signal_delay_s: int | None = None, max_requeues: int | None = None):
+                  signal_delay_s: int | None = None, max_requeues: int | None = None,
+                  after: Sequence[str] = ()):
     """A submitit executor for `res`. `local` runs the tasks as processes here (no Slurm).
     `requeue` lets Slurm requeue a preempted job under the same id, so it finds its pickle, log
-    folder and out_dir again; USR2 comes `signal_delay_s` seconds before the time limit."""
+    folder and out_dir again; USR2 comes `signal_delay_s` seconds before the time limit.
+    `after`: job ids that must all succeed first (afterok); if one fails, Slurm cancels this
+    job instead of keeping it pending forever."""
     import submitit  # optional: only launching through Slurm/submitit needs it
     options = {} if max_requeues is None else {"slurm_max_num_timeout": max_requeues}
     executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None, **options)
@@ -30,8 +34,13 @@ def make_executor(folder: str | Path, res: JobResources, *, local: bool = False,
                   timeout_min=res.timeout_min, name=res.name,
                   # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch
                   slurm_srun_args=[f"--cpus-per-task={res.cpus_per_task}"])
+    extra = {}
     if requeue:
-        params["slurm_additional_parameters"] = {"requeue": True}
+        extra["requeue"] = True
+    if after:
+        extra.update({"dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"})
+    if extra:
+        params["slurm_additional_parameters"] = extra
     if signal_delay_s is not None:
         params["slurm_signal_delay_s"] = signal_delay_s
     if res.gpus_per_node:

@@ -1,8 +1,7 @@
 """Image sources for evaluation: indexable collections of uint8 HWC RGB images.
 
 A source has `len()` and `source[i]` → np.uint8 [H, W, 3]; ranks take strided index
-slices of it. A new kind of source (e.g. WebDataset shards) is one class or function
-plus one line in `open_images`.
+slices of it. A new kind of source is one class or function plus one line in `open_images`.
 """
 from __future__ import annotations
 
@@ -48,6 +47,45 @@ class ArrayImages:
         return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
+class ShardImages:
+    """Every image of a shard set (a folder or s3:// URL holding index.json, as make_shards
+    writes it) in index order, decoded as training decodes them, unflipped: the training set's
+    reference statistics come from exactly the images the model saw. A shard whose bytes differ
+    from index.json stops the statistics with one line rather than leaving images out."""
+
+    def __init__(self, url: str, endpoint: str | None = None):
+        from ddpm_dist.data import fs
+        from ddpm_dist.data.shards import load_index
+        self.url, self.endpoint = url.rstrip("/"), endpoint
+        index = load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=endpoint, check=True), url)
+        self.resolution = int(index["resolution"])
+        self.shards = [(s["name"], int(s["samples"]), s["sha256"]) for s in index["shards"]]
+        self.starts = np.cumsum([0] + [count for _, count, _ in self.shards])
+        self._cached: tuple[int, list[bytes]] = (-1, [])  # the last shard read: indices come in order
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i) -> np.ndarray:
+        from ddpm_dist.data.stream import decode
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return decode(self._images(shard)[i - self.starts[shard]], self.resolution)
+
+    def _images(self, shard: int) -> list[bytes]:
+        from ddpm_dist.data import fs
+        from ddpm_dist.data.shards import read_images, sha256
+        if self._cached[0] != shard:
+            name, count, checksum = self.shards[shard]
+            url = fs.join(self.url, name)
+            data = fs.read_bytes(url, endpoint=self.endpoint)
+            images, _ = read_images(data, url)
+            if sha256(data) != checksum or len(images) != count:
+                raise ValueError(f"{url} differs from index.json (damaged or rewritten); "
+                                 f"write the shards again with make_shards")
+            self._cached = (shard, [image for _, image in images])
+        return self._cached[1]
+
+
 def load_npz_images(path) -> ArrayImages:
     with np.load(path) as data:
         if "arr_0" not in data:
@@ -57,7 +95,10 @@ def load_npz_images(path) -> ArrayImages:
 
 
 def open_images(path):
-    """The image source behind a path: a folder or an .npz holding arr_0."""
+    """The image source behind a path: shards (s3:// or a folder with index.json), an image
+    folder, or an .npz holding arr_0."""
+    if str(path).startswith("s3://") or (Path(path) / "index.json").is_file():
+        return ShardImages(str(path))
     path = Path(path)
     if path.is_dir():
         return FolderImages(path)

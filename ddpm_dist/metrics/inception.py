@@ -9,19 +9,18 @@ The TF graph differs from torchvision's Inception in three places, kept here:
 """
 from __future__ import annotations
 
-import hashlib
-import urllib.request
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_dist.utils.files import atomic_path
+from ddpm_dist.utils.download import download
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
-WEIGHTS_SHA256_PREFIX = "6726825d"  # the hash in the file name, as torch.hub checks it
+# The whole file's sha256 (its first 8 digits are the name's, as torch.hub names files).
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 # Stated next to every number we report: FID of the same images differs between pipelines
@@ -256,23 +255,10 @@ def resolve_weights(weights=None, *, allow_download=True) -> Path:
     reason = "downloads disabled"
     if allow_download:
         try:
-            _download(WEIGHTS_URL, cached)
+            download(WEIGHTS_URL, cached, WEIGHTS_SHA256)
             return cached
         except OSError as err:  # URLError and timeouts are OSErrors
             reason = f"download failed: {err}"
     raise FileNotFoundError(
         f"Inception weights missing ({reason}): provide {WEIGHTS_FILE} with "
         f"--inception-weights FILE or place it at {cached} (published at {WEIGHTS_URL})")
-
-
-def _download(url: str, dest: Path, timeout_s: float = 60.0) -> None:
-    """Fetch to a temporary file, check the hash, then rename: no half file is ever cached."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as src:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if not digest.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
-            raise OSError(f"checksum mismatch for {url}")

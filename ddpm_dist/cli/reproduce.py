@@ -1,0 +1,109 @@
+"""From raw data to the paper's table in one command: a Slurm dependency chain.
+
+    python launch/reproduce.py configs/cifar10.yaml --partition gpu --nodes 1 --eval-world-size 8
+    python launch/reproduce.py configs/lsun_church.yaml --raw /data/church_outdoor_train_lmdb \\
+        data.source=s3://bucket/lsun-church-256/ --prepare-here
+
+Stages (afterok): prepare (raw data → shards, test split, reference statistics, Inception
+weights) → train (requeues itself) → export (EMA weights) → fid (N samples × seed sets on W
+ranks, FID / IS) and nll (bits/dim on the test split) → report (RUN/report.md, report.json).
+Each stage skips what is done: rerun the same command after a failure to continue the chain;
+once the report exists it does nothing. Compute nodes without internet: --prepare-here runs
+the first stage on this machine, which downloads CIFAR-10 and pytorch-fid's Inception weights.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ddpm_dist.config import ConfigError, load_config
+from ddpm_dist.reproduce.datasets import dataset_for
+from ddpm_dist.reproduce.plan import Plan, Resources
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("config", help="a paper config, e.g. configs/cifar10.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value training settings (data.source=..., ...)")
+    p.add_argument("--dataset", help="the data recipe (default: the config's file name, e.g. cifar10)")
+    p.add_argument("--raw", help="raw data: CIFAR-10 folder or tarball (else downloaded), LSUN lmdb, image folder")
+    p.add_argument("--raw-test", help="--dataset folder: a held-out image folder for bits/dim")
+    p.add_argument("--raw-dir", default="data/raw", help="where downloads and extracted archives go")
+    p.add_argument("--prepare-here", action="store_true", help="run the prepare stage on this machine")
+    p.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                                               "(default: torch.hub's cache, downloaded by prepare)")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--seeds", type=int, default=3, help="seed sets: FID mean ± std")
+    p.add_argument("--sample-steps", type=int, help="respaced sampling steps (default: all T)")
+    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    p.add_argument("--nll-images", type=int, help="first N test images (default: all)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="0 on CPU-only clusters")
+    p.add_argument("--tasks-per-node", type=int, help="training tasks per node (default: one per GPU)")
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--time", type=int, default=24 * 60, help="training time limit per run, minutes")
+    p.add_argument("--eval-world-size", type=int, default=8, help="ranks for sampling and bits/dim")
+    p.add_argument("--eval-time", type=int, default=12 * 60, help="evaluation time limit, minutes")
+    p.add_argument("--stage", choices=("prepare", "report"), help=argparse.SUPPRESS)  # inside a chain job
+    args = p.parse_args(argv)
+    for flag in ("num_samples", "seeds", "eval_world_size", "nodes", "cpus_per_task"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+def build_plan(args) -> Plan:
+    """Raises ConfigError / ValueError (one line) for a config or setting no stage can use."""
+    name = args.dataset or Path(args.config).stem
+    dataset = dataset_for(name)
+    if args.raw_test and dataset.source != "folder":
+        raise ValueError(f"--raw-test is for image-folder datasets; {name} has its own test set or none")
+    if dataset.source in ("lsun", "folder") and not args.raw:
+        raise ValueError(f"{name}: pass --raw, the {dataset.raw}")
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if cfg.data.source == "digits":  # the demo reads the digits from memory; the chain from shards
+        overrides.append(f"data.source={Path(args.raw_dir).parent / 'shards' / name}")
+        cfg = load_config(args.config, overrides)
+    from ddpm_dist.metrics.inception import default_weights_path
+    weights = Path(args.inception_weights) if args.inception_weights else default_weights_path()
+    resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                          cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
+                          train_time_min=args.time, eval_world_size=args.eval_world_size,
+                          eval_time_min=args.eval_time)
+    return Plan(config=args.config, overrides=tuple(overrides), cfg=cfg, name=name, dataset=dataset, raw=args.raw,
+                raw_test=args.raw_test, raw_dir=Path(args.raw_dir), inception_weights=weights, num_samples=args.num_samples,
+                seeds=args.seeds, sample_steps=args.sample_steps, sampler=args.sampler,
+                nll_images=args.nll_images, resources=resources)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        plan = build_plan(args)
+        if args.stage == "prepare":
+            from ddpm_dist.reproduce.prepare import prepare
+            prepare(plan)
+        elif args.stage == "report":
+            from ddpm_dist.reproduce.report import write_report
+            write_report(plan)
+            print(f"wrote {plan.run / 'report.md'}")
+        else:
+            from ddpm_dist.reproduce.chain import run_chain
+            jobs = run_chain(plan, argv, prepare_here=args.prepare_here)
+            print(f"report: {plan.run / 'report.md'}" + (" (queued)" if jobs else ""))
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"reproduce: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
