@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the paper's LSUN Church 256² model (configs/lsun_church.yaml): 1 node x 8 GPUs, FSDP.
+# Train the paper's LSUN Church 256² model (configs/lsun_church.yaml): 1 node x 8 GPUs, DDP.
 #
 #   sbatch -p PARTITION -A ACCOUNT launch/train_lsun.sh               # from the checkout
 #   DDPM_DATA=s3://bucket/lsun_church/ DDPM_OUT_DIR=/scratch/runs/church sbatch launch/train_lsun.sh
