@@ -1,8 +1,9 @@
-"""Training data: every source gives an endless, resumable stream of [-1, 1] image batches.
+"""Training data: every source gives an endless, resumable stream of image batches.
 
-A stream is an iterable of float32 [B, C, H, W] tensors, C = cfg.model.in_channels (1: grey,
-3: RGB), with `state_dict()` / `load_state_dict()` for its position, so a resumed run continues
-the same sample sequence.
+A stream is an iterable of `batch.ImageBatch` (uint8 [B, C, H, W] pixels and per-image flip
+flags), C = cfg.model.in_channels (1: grey, 3: RGB), with `state_dict()` / `load_state_dict()`
+for its position, so a resumed run continues the same sample sequence.
+`batch.to_model_input` turns a batch into the model's float32 [-1, 1] input on the device.
 """
 from __future__ import annotations
 
