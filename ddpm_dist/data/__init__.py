@@ -10,9 +10,11 @@ from __future__ import annotations
 from ddpm_dist.config import Config
 
 
-def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int = 1):
+def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False):
     """The training stream of one rank: `batch_size` images per batch at the model's resolution
-    and channel count."""
+    and channel count. pin_memory (for a CUDA device) pins shard batches; the in-memory digits'
+    batches are too small to gain from it."""
     if cfg.data.source == "digits":
         from ddpm_dist.data.digits import load_digits_images
         from ddpm_dist.data.memory import MemoryStream
@@ -24,7 +26,7 @@ def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int
 
     return open_shard_stream(cfg.data.source, batch_size=batch_size, resolution=cfg.model.resolution,
                              channels=cfg.model.in_channels, rank=rank, world_size=world_size,
-                             seed=cfg.seed, data_cfg=cfg.data)
+                             seed=cfg.seed, data_cfg=cfg.data, pin_memory=pin_memory)
 
 
 def webdataset_urls(source: str, *, endpoint: str | None = None) -> list[str]:

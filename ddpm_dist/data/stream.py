@@ -337,11 +337,12 @@ class ShardStream:
 
     The same interface as MemoryStream: iterate for ImageBatch (uint8 [B, C, R, R] and flips);
     state_dict()/load_state_dict() hold the position. `skipped` counts corrupt or missing
-    samples so far (for TensorBoard).
+    samples so far (for TensorBoard). pin_memory: batches arrive in page-locked memory, so that
+    the copy to a CUDA device is asynchronous.
     """
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    def __init__(self, plan: Plan, pin_memory: bool = False):
+        self.plan, self.pin_memory = plan, pin_memory
         nw = max(plan.workers, 1)
         self.epoch, self.batch, self.skipped = 0, 0, 0
         self.cursors = [(0, 0)] * nw
@@ -361,7 +362,8 @@ class ShardStream:
             context.set_forkserver_preload([__name__])  # workers fork with torch etc. imported
         return DataLoader(ds, batch_size=None, num_workers=self.plan.workers,
                           worker_init_fn=functools.partial(ignore_stop_signals, os.getpid()),
-                          multiprocessing_context=context, persistent_workers=self.plan.workers > 0)
+                          multiprocessing_context=context, persistent_workers=self.plan.workers > 0,
+                          pin_memory=self.pin_memory)
 
     def __iter__(self) -> Iterator[ImageBatch]:
         loader = self._loader()
@@ -391,9 +393,10 @@ class ShardStream:
 
 
 def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, world_size: int,
-                      seed: int, data_cfg, channels: int = 3) -> ShardStream:
+                      seed: int, data_cfg, channels: int = 3,
+                      pin_memory: bool = False) -> ShardStream:
     """Read index.json (failing at once with one DataError line) and build the rank's stream of
-    `channels`-channel images (1: grey, 3: RGB)."""
+    `channels`-channel images (1: grey, 3: RGB); pin_memory for a CUDA device."""
     if channels not in PIL_MODES:
         raise ValueError(f"shards decode to 1 (grey) or 3 (RGB) channels, not {channels}")
     index = load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=data_cfg.s3_endpoint,
@@ -406,4 +409,4 @@ def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, 
                 batch_size=batch_size, rank=rank, world_size=world_size, workers=data_cfg.num_workers, seed=seed,
                 flip=data_cfg.flip, endpoint=data_cfg.s3_endpoint, retries=data_cfg.retries,
                 retry_wait=data_cfg.retry_wait, max_skip_fraction=data_cfg.max_skip_fraction)
-    return ShardStream(plan)
+    return ShardStream(plan, pin_memory)
