@@ -7,7 +7,8 @@
 For 32² PNG and 256² JPEG shards, on local disk and on the local S3 server:
 - raw read: shard bytes fetched and split into tar members, nothing decoded (I/O ceiling);
 - decode only: PIL decoding of in-memory sample bytes in one process (decode ceiling);
-- decode + to [-1, 1]: the same plus the float conversion every stream must do;
+- decode + into a batch: the same plus the copy into a uint8 [C, H, W] batch slot, all a loader
+  worker does per image (the device scales and flips);
 - stream: ShardStream batches with N loader workers, reported per worker.
 Each number is the median of --repeats runs. The goal: stream per worker ≥ 80% of
 decode only, i.e. decoding, not our code, is the bottleneck.
@@ -32,7 +33,7 @@ from ddpm_dist.data import build_stream, fs
 from ddpm_dist.data.convert import make_shards
 from ddpm_dist.data.digits import load_digits_images
 from ddpm_dist.data.shards import read_images
-from ddpm_dist.data.stream import decode, put_model_range
+from ddpm_dist.data.stream import decode, put_image
 
 CASES = {"32² PNG": (32, "png", 2000), "256² JPEG": (256, "jpg", 600)}
 
@@ -76,13 +77,13 @@ def decode_rate(url: str, index: dict, res: int) -> float:
 
 
 def convert_rate(url: str, index: dict, res: int) -> float:
-    """Decoding plus the conversion to [-1, 1] floats that any stream must do: the work floor."""
+    """Decoding plus the copy into a uint8 batch slot that a loader worker does: the work floor."""
     samples = [b for shard in index["shards"]
                for _, b in read_images(fs.read_bytes(fs.join(url, shard["name"])), "")[0]]
-    slot = torch.empty(3, res, res)
+    slot = torch.empty(3, res, res, dtype=torch.uint8)
     t0 = time.perf_counter()
     for b in samples:
-        put_model_range(slot, decode(b, res))
+        put_image(slot, decode(b, res))
     return len(samples) / (time.perf_counter() - t0)
 
 
@@ -117,9 +118,9 @@ def main() -> None:
     stores = {"local": tempfile.mkdtemp(prefix="bench-shards-")}
     if os.environ.get("S3_TEST_BUCKET"):
         stores["S3 (local SeaweedFS)"] = f"s3://{os.environ['S3_TEST_BUCKET']}/bench-{uuid.uuid4().hex[:6]}"
-    cols = ["raw tar read", "decode only (PIL, 1 proc)", "decode + to [-1, 1] (1 proc)"] + [f"stream, {w} worker(s), per worker"
+    cols = ["raw tar read", "decode only (PIL, 1 proc)", "decode + into a batch (1 proc)"] + [f"stream, {w} worker(s), per worker"
                                                             for w in args.workers]
-    print("| data | store | " + " | ".join(cols) + " | 1 worker / decode | 1 worker / decode+convert |")
+    print("| data | store | " + " | ".join(cols) + " | 1 worker / decode | 1 worker / decode+batch |")
     print("|" + " --- |" * (len(cols) + 4))
     for (name, (res, fmt, n)), (store, base) in itertools.product(CASES.items(), stores.items()):
         row = bench(f"{base}/{res}-{fmt}", res, fmt, n, args)

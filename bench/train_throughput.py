@@ -7,7 +7,9 @@ same topology, measured in the same run.
 
 Both networks run the training step train.py runs (`ddpm_dist.training.step`): a `single`
 engine (Adam, clipping at 1.0, loss scaler, EMA; channels_last weights on CUDA), t and ε drawn
-per step, L_simple forward + backward, on a fixed batch (speed does not depend on the pixels).
+per step, L_simple forward + backward, on a fixed batch (speed does not depend on the pixels)
+sent as the loader sends it: uint8 with flip flags, pinned on CUDA, copied, scaled and flipped
+on the device each step.
 `--bf16` is train.precision=bf16, `--compile` is train.compile=true (the whole network, for both). Each figure is the median of --repeats timed runs of
 --steps steps, timed in turns with the peer after a warm-up run; the ratio column is ours /
 diffusers.
@@ -24,6 +26,7 @@ import torch
 
 from bench_utils import DiffusersAdapter, diffusers_unet, interleaved_medians
 from ddpm_dist.config import load_config
+from ddpm_dist.data.batch import ImageBatch
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.training.engines import build_engine
@@ -45,7 +48,10 @@ def step_fn(net, cfg, batch: int, args, device):
     engine = build_engine(cfg, net, device, DistInfo(0, 1, 0, device, True))
     diffusion = build_diffusion(cfg.diffusion)
     shape = (batch, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-    batches = itertools.repeat(torch.randn(shape).clamp(-1, 1))
+    fixed = ImageBatch(torch.randint(0, 256, shape, dtype=torch.uint8), torch.rand(batch) < 0.5)
+    if device.type == "cuda":  # as the loader pins it for training on CUDA
+        fixed = ImageBatch(*(t.pin_memory() for t in fixed))
+    batches = itertools.repeat(fixed)
     step = itertools.count()
 
     def run():

@@ -1,12 +1,15 @@
 """Helpers shared by the data tests: a source of unique images, shard writing, streams."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from PIL import Image
 
 from ddpm_dist.config import Config
 from ddpm_dist.data import build_stream
+from ddpm_dist.data.batch import to_model_input
 from ddpm_dist.data.convert import make_shards
 
 
@@ -40,6 +43,11 @@ def stream_for(url, *, batch=4, rank=0, world=1, workers=0, flip=False, res=8, s
     cfg.model.resolution, cfg.seed = res, seed
     cfg.model.in_channels = cfg.model.out_ch = channels
     return build_stream(cfg, batch, rank=rank, world_size=world)
+
+
+def model_inputs(stream, n: int) -> list[torch.Tensor]:
+    """The stream's next n batches as the model sees them: float32 [-1, 1], flipped."""
+    return [to_model_input(b, torch.device("cpu")) for b in itertools.islice(stream, n)]
 
 
 def keys(x: torch.Tensor) -> list[bytes]:

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from conftest import s3_restart
-from data_helpers import keys, stream_for, webdataset_samples, write_noise_shards
+from data_helpers import keys, model_inputs, stream_for, webdataset_samples, write_noise_shards
 from ddpm_dist.config import Config
 from ddpm_dist.data import build_stream
 from ddpm_dist.data.digits import load_digits_images
@@ -54,8 +54,8 @@ def test_make_shards_cli_to_s3_round_trip_matches_local(s3_server, tmp_path):
     make_shards(*args, "--out", str(tmp_path))
     remote = json.loads(s3fs.S3FileSystem().cat_file(url.removeprefix("s3://") + "/index.json"))
     assert remote["shards"] == json.loads((tmp_path / "index.json").read_text())["shards"]
-    from_s3 = list(itertools.islice(stream_for(url, batch=16, workers=2, flip=True), 5))
-    from_disk = list(itertools.islice(stream_for(str(tmp_path), batch=16, workers=2, flip=True), 5))
+    from_s3 = model_inputs(stream_for(url, batch=16, workers=2, flip=True), 5)
+    from_disk = model_inputs(stream_for(str(tmp_path), batch=16, workers=2, flip=True), 5)
     assert all(torch.equal(a, b) for a, b in zip(from_s3, from_disk))
 
 
@@ -85,13 +85,13 @@ def test_lsun_lmdb_converts_to_shards(s3_server, tmp_path):
                 "--resolution", "16", "--format", "jpg", "--max-samples", "5")
     s = stream_for(url, batch=4, res=16)
     assert s.batches_per_epoch == 3 and len(s.plan.shards) == 3
-    assert next(iter(s)).shape == (4, 3, 16, 16)
+    assert next(iter(s)).images.shape == (4, 3, 16, 16)
 
 
 def _rank_main(rank: int, url: str, out: str, env: dict) -> None:
     os.environ.update(env)
     s = stream_for(url, rank=rank, world=2, workers=1)
-    epoch = list(itertools.islice(s, s.batches_per_epoch))
+    epoch = model_inputs(s, s.batches_per_epoch)
     Path(out, f"rank{rank}.json").write_text(json.dumps(
         {"batches": len(epoch), "keys": [k.hex() for x in epoch for k in keys(x)]}))
 
@@ -104,25 +104,25 @@ def test_two_rank_processes_see_disjoint_data_and_equal_counts(noise_url, tmp_pa
 
 
 def test_resume_from_s3_continues_the_sequence(noise_url):
-    reference = list(itertools.islice(stream_for(noise_url, workers=2, flip=True), 40))
+    reference = model_inputs(stream_for(noise_url, workers=2, flip=True), 40)
     first = stream_for(noise_url, workers=2, flip=True)
     list(itertools.islice(first, 25))
     resumed = stream_for(noise_url, workers=2, flip=True)
     resumed.load_state_dict(first.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(reference[25:], itertools.islice(resumed, 15)))
+    assert all(torch.equal(a, b) for a, b in zip(reference[25:], model_inputs(resumed, 15)))
 
 
 def test_stream_recovers_when_the_server_restarts(s3_server, caplog):
     url = write_noise_shards(fresh_prefix(s3_server, "restart"), n=64, max_samples=4)
-    reference = list(itertools.islice(stream_for(url), 12))  # one shard read per batch
+    reference = model_inputs(stream_for(url), 12)  # one shard read per batch
     s = iter(stream_for(url))
-    got = list(itertools.islice(s, 4))
+    got = model_inputs(s, 4)
     s3_restart(stop_only=True)
     starter = threading.Thread(target=s3_restart)  # stop (no-op) + start while we read
     starter.start()
     t0 = time.monotonic()
     with caplog.at_level("WARNING"):
-        got += list(itertools.islice(s, 8))  # the reads during the outage retry with backoff
+        got += model_inputs(s, 8)  # the reads during the outage retry with backoff
     starter.join()
     assert "cannot connect" in caplog.text and "retry 1/" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(reference, got)) and len(got) == 12

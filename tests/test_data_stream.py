@@ -13,7 +13,7 @@ from PIL import Image
 
 from ddpm_dist.data.fs import DataConfigError, DataError
 from ddpm_dist.data.shards import sha256, tar_bytes
-from data_helpers import NoiseSource, keys, stream_for, write_noise_shards
+from data_helpers import NoiseSource, keys, model_inputs, stream_for, write_noise_shards
 
 
 def test_batches_are_model_range_and_ranks_disjoint_with_equal_counts(tmp_path):
@@ -22,7 +22,10 @@ def test_batches_are_model_range_and_ranks_disjoint_with_equal_counts(tmp_path):
     for rank in range(2):
         s = stream_for(url, rank=rank, world=2)
         assert s.batches_per_epoch == 120 // 2 // 4
-        epoch = list(itertools.islice(s, s.batches_per_epoch))
+        raw = list(itertools.islice(s, s.batches_per_epoch))
+        assert all(b.images.shape == (4, 3, 8, 8) and b.images.dtype == torch.uint8
+                   and b.flips.shape == (4,) and b.flips.dtype == torch.bool for b in raw)
+        epoch = model_inputs(raw, len(raw))
         assert all(x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 for x in epoch)
         assert min(x.min() for x in epoch) >= -1 and max(x.max() for x in epoch) <= 1
         seen.append({k for x in epoch for k in keys(x)})
@@ -47,6 +50,9 @@ def test_flip_mirrors_some_images(tmp_path):
     url = write_noise_shards(tmp_path / "s")
     plain = next(iter(stream_for(url, batch=32)))
     flipped = next(iter(stream_for(url, batch=32, flip=True)))
+    assert torch.equal(plain.images, flipped.images)  # the loader sends the pixels unflipped
+    assert not plain.flips.any() and flipped.flips.any() and not flipped.flips.all()
+    plain, flipped = model_inputs([plain, flipped], 2)
     same = (plain == flipped).flatten(1).all(1)
     mirrored = (plain.flip(-1) == flipped).flatten(1).all(1)
     assert (same | mirrored).all() and mirrored.any() and same.any()
@@ -56,13 +62,13 @@ def test_flip_mirrors_some_images(tmp_path):
 def test_resume_continues_the_same_sample_sequence(tmp_path, workers):
     url = write_noise_shards(tmp_path / "s", n=100, max_samples=7)
     reference = stream_for(url, workers=workers, flip=True)
-    batches = list(itertools.islice(reference, 20))  # 12 batches per epoch: crosses an epoch
+    batches = model_inputs(reference, 20)  # 12 batches per epoch: crosses an epoch
     first = stream_for(url, workers=workers, flip=True)
     list(itertools.islice(first, 9))
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
     resumed = stream_for(url, workers=workers, flip=True)
     resumed.load_state_dict(state)
-    for want, got in zip(batches[9:], itertools.islice(resumed, 11)):
+    for want, got in zip(batches[9:], model_inputs(resumed, 11)):
         assert torch.equal(want, got)
     assert resumed.state_dict() == reference.state_dict()
 
@@ -110,14 +116,14 @@ def test_missing_index_incomplete_and_empty_are_one_line_errors(tmp_path):
 def test_an_epoch_holds_every_image_with_memory_stream_values(tmp_path, channels):
     from ddpm_dist.data.convert import make_shards
     from ddpm_dist.data.digits import load_digits_images
-    from ddpm_dist.data.memory import to_model_range
+    from ddpm_dist.data.batch import to_model_range
     from ddpm_dist.data.sources import DigitsSource
 
     params = {"source": "digits", "input": "", "resolution": 8, "format": "png", "quality": 95,
               "seed": 0}
     make_shards(DigitsSource(8), str(tmp_path), params=params, max_samples=400, progress=False)
     s = stream_for(str(tmp_path), batch=3, channels=channels)  # 1797 = 599 * 3: each image once
-    epoch = torch.cat(list(itertools.islice(s, s.batches_per_epoch)))
+    epoch = torch.cat(model_inputs(s, s.batches_per_epoch))
     want = to_model_range(load_digits_images(8, channels))
     assert epoch.shape == (1797, channels, 8, 8)
     assert sorted(keys(epoch)) == sorted(keys(want)) and torch.equal(
@@ -126,12 +132,12 @@ def test_an_epoch_holds_every_image_with_memory_stream_values(tmp_path, channels
 
 def test_a_one_channel_stream_decodes_shards_to_pil_grey(tmp_path):
     """RGB shards, 1-channel model: batches are [B, 1, R, R] of PIL's "L" of each image."""
-    from ddpm_dist.data.memory import to_model_range
+    from ddpm_dist.data.batch import to_model_range
     from ddpm_dist.images import luma
 
     url = write_noise_shards(tmp_path / "s", n=40)
     s = stream_for(url, batch=4, channels=1)
-    epoch = torch.cat(list(itertools.islice(s, s.batches_per_epoch)))
+    epoch = torch.cat(model_inputs(s, s.batches_per_epoch))
     assert epoch.shape == (40, 1, 8, 8)
     rgb = NoiseSource(40, 8).images
     pil_grey = torch.from_numpy(np.stack([np.array(Image.fromarray(im).convert("L")) for im in rgb]))[:, None]

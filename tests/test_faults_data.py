@@ -17,7 +17,7 @@ from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.data import webdataset_urls
 from ddpm_dist.data.fs import DataConfigError, DataError, DataReadError
 from ddpm_dist.data.shards import read_images, sha256, tar_bytes
-from data_helpers import keys, stream_for, write_noise_shards
+from data_helpers import keys, model_inputs, stream_for, write_noise_shards
 
 
 def _png(value: int) -> bytes:
@@ -120,7 +120,7 @@ def test_a_shard_that_fails_its_checksum_is_skipped_whole_and_counted(tmp_path, 
         path.write_bytes(data[:560] + bytes([data[560] ^ 0xFF]) + data[561:])
     s = stream_for(str(folder), batch=2)
     with caplog.at_level(logging.WARNING):
-        seen = {k for x in itertools.islice(s, s.batches_per_epoch) for k in keys(x)}
+        seen = {k for x in model_inputs(s, s.batches_per_epoch) for k in keys(x)}
     assert len(its_keys) == 10 and not seen & its_keys  # none of its samples is used
     assert s.skipped >= 10
     warned = [r.getMessage() for r in caplog.records if "shard-000001.tar" in r.getMessage()]

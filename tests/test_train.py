@@ -15,7 +15,7 @@ from PIL import Image
 
 from ddpm_dist.config import load_config
 from ddpm_dist.data.digits import load_digits_images
-from ddpm_dist.data.memory import to_model_range
+from ddpm_dist.data.batch import to_model_range
 from ddpm_dist.modelio.model_file import load_model_file, read_model_file
 from ddpm_dist.modelio.source import export_checkpoint
 from ddpm_dist.modelio.factory import build_model

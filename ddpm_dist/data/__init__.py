@@ -1,17 +1,20 @@
-"""Training data: every source gives an endless, resumable stream of [-1, 1] image batches.
+"""Training data: every source gives an endless, resumable stream of image batches.
 
-A stream is an iterable of float32 [B, C, H, W] tensors, C = cfg.model.in_channels (1: grey,
-3: RGB), with `state_dict()` / `load_state_dict()` for its position, so a resumed run continues
-the same sample sequence.
+A stream is an iterable of `batch.ImageBatch` (uint8 [B, C, H, W] pixels and per-image flip
+flags), C = cfg.model.in_channels (1: grey, 3: RGB), with `state_dict()` / `load_state_dict()`
+for its position, so a resumed run continues the same sample sequence.
+`batch.to_model_input` turns a batch into the model's float32 [-1, 1] input on the device.
 """
 from __future__ import annotations
 
 from ddpm_dist.config import Config
 
 
-def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int = 1):
+def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False):
     """The training stream of one rank: `batch_size` images per batch at the model's resolution
-    and channel count."""
+    and channel count. pin_memory (for a CUDA device) pins shard batches; the in-memory digits'
+    batches are too small to gain from it."""
     if cfg.data.source == "digits":
         from ddpm_dist.data.digits import load_digits_images
         from ddpm_dist.data.memory import MemoryStream
@@ -23,7 +26,7 @@ def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int
 
     return open_shard_stream(cfg.data.source, batch_size=batch_size, resolution=cfg.model.resolution,
                              channels=cfg.model.in_channels, rank=rank, world_size=world_size,
-                             seed=cfg.seed, data_cfg=cfg.data)
+                             seed=cfg.seed, data_cfg=cfg.data, pin_memory=pin_memory)
 
 
 def webdataset_urls(source: str, *, endpoint: str | None = None) -> list[str]:

@@ -5,17 +5,13 @@ from collections.abc import Iterator
 
 import torch
 
+from ddpm_dist.data.batch import ImageBatch
 from ddpm_dist.utils.seeds import Purpose, derive_seed
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float32 [-1, 1] (the paper scales data linearly to [-1, 1])."""
-    return images.float().div_(127.5).sub_(1.0)
 
 
 class MemoryStream:
     """Endless batches of `batch_size` images for one rank: uint8 [N, C, H, W] images in,
-    float32 [B, C, H, W] batches in [-1, 1] out, with the images' channel count C.
+    ImageBatch out (uint8 [B, C, H, W] and the flips), as ShardStream gives them.
 
     Each epoch is a permutation seeded by (seed, epoch); rank r takes every world_size-th index,
     so ranks see disjoint images and the same number of batches. The position (epoch, batch)
@@ -42,16 +38,13 @@ class MemoryStream:
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, Purpose.FLIPS))
         return torch.rand(self.batches_per_epoch * self.batch_size, generator=g) < 0.5
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[ImageBatch]:
         while True:
-            order, flips = self._epoch_order(self.epoch), self._flips(self.epoch)
+            order, flips = self._epoch_order(self.epoch), self._flips(self.epoch) & self.flip
             while self.batch < self.batches_per_epoch:
                 sl = slice(self.batch * self.batch_size, (self.batch + 1) * self.batch_size)
-                x = to_model_range(self.images[order[sl]])
-                if self.flip:
-                    x = torch.where(flips[sl, None, None, None], x.flip(-1), x)
                 self.batch += 1
-                yield x
+                yield ImageBatch(self.images[order[sl]], flips[sl])
             self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

@@ -14,7 +14,8 @@ shards), so a position is just two integers per stream:
   yields the same number of batches and no rank waits at an epoch end.
 - A shard is read whole (retried as a unit on I/O errors, checksummed against index.json)
   and its samples are visited in a permutation seeded by (seed, e, s, position) - a full
-  in-shard shuffle, with no shuffle buffer. Flips use the same generator.
+  in-shard shuffle, with no shuffle buffer. Flips use the same generator; a batch carries
+  them as flags (ImageBatch) and the device applies them.
 - Bad data ends the run instead of looping: a shard whose bytes differ from index.json is
   not used (its samples count as skipped), undecodable samples are skipped, one warning per
   shard read says how many; a shard with no decodable sample, or skipped samples above
@@ -45,6 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ddpm_dist.data import fs
+from ddpm_dist.data.batch import ImageBatch
 from ddpm_dist.data.shards import centre_crop_resize, load_index, read_images, sha256
 from ddpm_dist.utils.seeds import numpy_rng
 
@@ -96,7 +98,7 @@ class Plan:
 PIL_MODES = {1: "L", 3: "RGB"}  # model channels → the PIL mode images are decoded to
 
 
-def decode(data: bytes, resolution: int, flip: bool = False, channels: int = 3) -> np.ndarray:
+def decode(data: bytes, resolution: int, channels: int = 3) -> np.ndarray:
     """Image bytes → uint8 [R, R, channels]; other sizes are centre-cropped and resized.
     channels=1 converts to grey with PIL's "L" (ITU-R 601-2 luma)."""
     mode = PIL_MODES[channels]
@@ -105,8 +107,6 @@ def decode(data: bytes, resolution: int, flip: bool = False, channels: int = 3) 
             img = img.convert(mode)
         if img.size != (resolution, resolution):
             img = centre_crop_resize(img, resolution)
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.array(img).reshape(resolution, resolution, channels)
 
 
@@ -181,7 +181,8 @@ class _Prefetch:
 
 def stream_samples(plan: Plan, epoch: int, stream: int, cursor: tuple[int, int],
                    tally: SkipTally | None = None):
-    """Endless (image or None if corrupt, skipped-count, cursor after it) from a cursor on."""
+    """Endless (image or None if corrupt, its flip, skipped-count, cursor after it) from a
+    cursor on."""
     position, slot = cursor
     tally = tally or SkipTally(plan.max_skip_fraction)
     empty_run = 0
@@ -211,14 +212,14 @@ def _shard_samples(plan: Plan, epoch: int, stream: int, position: int, slot: int
     tally.add(shard.url, missing, missing)
     corrupt = 0
     for k in range(slot, len(images)):
-        image = _decode_or_none(images[order[k]], plan, plan.flip and flips[k])
+        image = _decode_or_none(images[order[k]], plan)
         corrupt += image is None
         tally.add(shard.url, 1, int(image is None))
-        yield image, missing + (image is None), (position, k + 1)
+        yield image, plan.flip and bool(flips[k]), missing + (image is None), (position, k + 1)
         missing = 0
     _check_shard(shard, slot, corrupt)
     if missing:
-        yield None, missing, (position + 1, 0)
+        yield None, False, missing, (position + 1, 0)
 
 
 def _check_shard(shard: ShardRead, slot: int, corrupt: int) -> None:
@@ -237,9 +238,9 @@ def _check_shard(shard: ShardRead, slot: int, corrupt: int) -> None:
                     max(len(shard.images) - slot, 0) + missing, "; ".join(reasons))
 
 
-def _decode_or_none(data: bytes, plan: Plan, flip: bool) -> np.ndarray | None:
+def _decode_or_none(data: bytes, plan: Plan) -> np.ndarray | None:
     try:
-        return decode(data, plan.resolution, flip, plan.channels)
+        return decode(data, plan.resolution, plan.channels)
     except Exception:  # noqa: BLE001 - any undecodable sample is skipped (counted, not fatal)
         return None
 
@@ -275,26 +276,29 @@ class _RankDataset(IterableDataset):
             samples.close()  # abandons the shard being read ahead
 
 
-def put_model_range(slot: torch.Tensor, image: np.ndarray) -> None:
-    """uint8 [R, R, C] → float [C, R, R] in [-1, 1] in place: to_model_range's arithmetic,
-    done per image while it is still in cache rather than over a whole stacked batch."""
-    slot.copy_(torch.from_numpy(image).permute(2, 0, 1)).div_(127.5).sub_(1.0)
+def put_image(slot: torch.Tensor, image: np.ndarray) -> None:
+    """uint8 [R, R, C] → the uint8 [C, R, R] slot of a batch, per image while it is in cache."""
+    slot.copy_(torch.from_numpy(image).permute(2, 0, 1))
 
 
 def _next_batch(samples, plan: Plan):
-    """([B, C, R, R] in [-1, 1], samples skipped meanwhile, cursor after the batch).
+    """(ImageBatch, samples skipped meanwhile, cursor after the batch).
 
-    Built in the loader worker, off the training process.
+    Built in the loader worker, off the training process: decoded pixels and flip flags only,
+    the device does the rest (ddpm_dist.data.batch.to_model_input).
     """
-    batch = torch.empty(plan.batch_size, plan.channels, plan.resolution, plan.resolution)
+    images = torch.empty(plan.batch_size, plan.channels, plan.resolution, plan.resolution,
+                         dtype=torch.uint8)
+    flips = torch.zeros(plan.batch_size, dtype=torch.bool)
     n = skipped = 0
     while n < plan.batch_size:
-        image, sk, cursor = next(samples)
+        image, flip, sk, cursor = next(samples)
         skipped += sk
         if image is not None:
-            put_model_range(batch[n], image)
+            put_image(images[n], image)
+            flips[n] = flip
             n += 1
-    return batch, skipped, cursor
+    return ImageBatch(images, flips), skipped, cursor
 
 
 def _one_line_errors(batches):
@@ -331,13 +335,14 @@ def _exit_on_sigterm_from(main_pid: int) -> None:
 class ShardStream:
     """Endless batches for one rank from shards under a folder or s3:// URL with index.json.
 
-    The same interface as MemoryStream: iterate for float32 [B, C, R, R] batches in [-1, 1];
+    The same interface as MemoryStream: iterate for ImageBatch (uint8 [B, C, R, R] and flips);
     state_dict()/load_state_dict() hold the position. `skipped` counts corrupt or missing
-    samples so far (for TensorBoard).
+    samples so far (for TensorBoard). pin_memory: batches arrive in page-locked memory, so that
+    the copy to a CUDA device is asynchronous.
     """
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    def __init__(self, plan: Plan, pin_memory: bool = False):
+        self.plan, self.pin_memory = plan, pin_memory
         nw = max(plan.workers, 1)
         self.epoch, self.batch, self.skipped = 0, 0, 0
         self.cursors = [(0, 0)] * nw
@@ -357,16 +362,17 @@ class ShardStream:
             context.set_forkserver_preload([__name__])  # workers fork with torch etc. imported
         return DataLoader(ds, batch_size=None, num_workers=self.plan.workers,
                           worker_init_fn=functools.partial(ignore_stop_signals, os.getpid()),
-                          multiprocessing_context=context, persistent_workers=self.plan.workers > 0)
+                          multiprocessing_context=context, persistent_workers=self.plan.workers > 0,
+                          pin_memory=self.pin_memory)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[ImageBatch]:
         loader = self._loader()
         while True:
-            for images, skipped, cursor, worker in _one_line_errors(loader):
+            for batch, skipped, cursor, worker in _one_line_errors(loader):
                 self.cursors[worker] = tuple(int(c) for c in cursor)
                 self.skipped += int(skipped)
                 self.batch += 1
-                yield images
+                yield batch
             assert self.batch == self.batches_per_epoch, (self.batch, self.batches_per_epoch)
             self.epoch, self.batch = self.epoch + 1, 0
             self.cursors = [(0, 0)] * max(self.plan.workers, 1)
@@ -387,9 +393,10 @@ class ShardStream:
 
 
 def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, world_size: int,
-                      seed: int, data_cfg, channels: int = 3) -> ShardStream:
+                      seed: int, data_cfg, channels: int = 3,
+                      pin_memory: bool = False) -> ShardStream:
     """Read index.json (failing at once with one DataError line) and build the rank's stream of
-    `channels`-channel images (1: grey, 3: RGB)."""
+    `channels`-channel images (1: grey, 3: RGB); pin_memory for a CUDA device."""
     if channels not in PIL_MODES:
         raise ValueError(f"shards decode to 1 (grey) or 3 (RGB) channels, not {channels}")
     index = load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=data_cfg.s3_endpoint,
@@ -402,4 +409,4 @@ def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, 
                 batch_size=batch_size, rank=rank, world_size=world_size, workers=data_cfg.num_workers, seed=seed,
                 flip=data_cfg.flip, endpoint=data_cfg.s3_endpoint, retries=data_cfg.retries,
                 retry_wait=data_cfg.retry_wait, max_skip_fraction=data_cfg.max_skip_fraction)
-    return ShardStream(plan)
+    return ShardStream(plan, pin_memory)

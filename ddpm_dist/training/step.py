@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_dist.data.batch import ImageBatch, to_model_input
 from ddpm_dist.diffusion import GaussianDiffusion
 from ddpm_dist.training.engines import Engine, StepResult
 from ddpm_dist.utils.seeds import Purpose, derive_seed
@@ -38,12 +39,12 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device).manual_seed(derive_seed(seed, step, rank, Purpose.DIFFUSION))
 
 
-def draw_micro_batches(batches: Iterator[torch.Tensor], count: int, num_timesteps: int,
+def draw_micro_batches(batches: Iterator[ImageBatch], count: int, num_timesteps: int,
                        generator: torch.Generator, engine: Engine) -> list[MicroBatch]:
     """`count` micro-batches of (x_0 from the data, t, ε), on the engine's device and layout."""
     out = []
     for _ in range(count):
-        x0 = next(batches).to(engine.device, non_blocking=True, memory_format=engine.memory_format)
+        x0 = to_model_input(next(batches), engine.device, engine.memory_format)
         t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator, device=engine.device)
         noise = torch.randn(x0.shape, generator=generator, device=engine.device)
         out.append((x0, t, noise))
