@@ -5,6 +5,7 @@ compile for all steps."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -124,3 +125,29 @@ def test_compile_is_done_once_for_every_step_and_batch_and_changes_nothing_eager
     assert counter.frame_count == 1  # 10 network calls, one graph
     assert isinstance(sampler.network, SamplingNetwork) and sampler.plan == dataclasses.replace(eager.plan,
                                                                                                 compile=True)
+
+
+def test_fid_sample_compile_flag_compiles_once_and_writes_the_eager_samples(model_and_diffusion, tmp_path,
+                                                                          monkeypatch):
+    from ddpm_dist.cli.fid_sample import main, parse_args
+    from ddpm_dist.config import Config
+    from ddpm_dist.modelio.model_file import save_model_file
+    model, _ = model_and_diffusion
+    cfg = Config(model=ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                                   resolution=8), diffusion=DiffusionConfig(num_timesteps=40))
+    save_model_file(tmp_path / "tiny.safetensors", model.state_dict(), cfg)
+    counter, compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    results = {}
+    for setting in ("true", "auto"):  # auto is off on a CPU
+        out = tmp_path / setting
+        argv = ["--ckpt", tmp_path / "tiny.safetensors", "--num-samples", 3, "--out", out, "--steps", 3,
+                "--batch-size", 2, "--device", "cpu", "--compile", setting]
+        assert main([str(a) for a in argv]) == 0
+        results[setting] = {p.name: p.read_bytes() for p in sorted(out.rglob("*.png"))}
+        assert json.loads((out / "result.json").read_text())["runs"][0]["compiled"] == (setting == "true")
+    assert results["true"] == results["auto"] and len(results["true"]) == 3
+    assert counter.frame_count == 1  # 2 batches (the last one padded) × 3 steps, one graph
+    with pytest.raises(SystemExit):
+        parse_args(["--random-init", "--num-samples", "2", "--out", str(tmp_path), "--compile", "yes"])
