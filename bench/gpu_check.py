@@ -20,10 +20,12 @@ Sections:
   the run's final sample grid and checkpoint are not part of the measurement.
 - diffusers: bench/train_throughput.py's step for ours and for diffusers' UNet2DModel of the same
   topology, bf16, eager and compiled, timed in turns; the ratio is ours / diffusers.
-- sampling: bench/sample_throughput.py's `Sampler` run (ancestral DDPM, SampleNoise, bf16) at
-  batch 64 and at `--batch-size auto` (evaluation.generate.auto_batch_size), timed over a few
-  respaced steps (one forward per step, as at 1000 steps), and the projected time of 50,000
-  CIFAR-10 samples at 1000 steps (PNG writing excluded).
+- sampling: bench/sample_throughput.py's `Sampler` run (ancestral DDPM, SampleNoise, --bf16) as
+  tools/fid_sample.py runs it on the device (`samplers.network_plan`: on CUDA a bf16 weight copy
+  and channels_last), eager at batch 64 and at `--batch-size auto` (evaluation.generate.
+  auto_batch_size), and compiled (fid_sample's default on CUDA) at `auto`, timed over a few
+  respaced steps after a warm-up run that compiles (one forward per step, as at 1000 steps), and
+  the projected time of 50,000 CIFAR-10 samples at 1000 steps (PNG writing excluded).
 
 --smoke runs the same code paths on the CPU with a tiny U-Net (16², ch 32), a few steps and
 2 sampling steps, eager only, in well under a minute.
@@ -68,19 +70,28 @@ def train_check(model: str, engine: str, compiled: bool) -> Check:
                  {"model": model, "engine": engine, "compile": compiled})
 
 
+def sampling_check(batch: int | str, compiled: bool) -> Check:
+    # Compiled: a cold Inductor compile of the forward alone, less than training's forward and
+    # backward (120 s); the 90 s is a guess until the check has run on a GPU.
+    min_s, cap_s = (90, 180) if compiled else ((15, 60) if batch == 64 else (20, 90))
+    return Check("sampling", f"sample cifar10 batch {batch} {'compiled' if compiled else 'eager'}", min_s, cap_s,
+                 {"model": "cifar10", "batch": batch, "compile": compiled})
+
+
 def plan() -> list[Check]:
     """In the order they run. The cheap checks (under ~30 s each) come before the compiled ones,
     so a slow compile cannot push them out of the budget. Training runs keep the priority
     cifar10 single eager, cifar10 single compiled, 256² single compiled, cifar10 ddp compiled,
     cifar10 fsdp eager, except that the last, an eager run, goes with the cheap checks; the rest
-    of the engine × mode grid comes after the diffusers ratio."""
+    of the engine × mode grid comes after the diffusers ratio. Compiled sampling at batch auto,
+    fid_sample's default on CUDA, comes right after the first compiled training run."""
     cheap = [Check("env", "env", 5, 60), Check("groupnorm", "groupnorm channels_last", 10, 60),
              train_check("cifar10", "single", False),
-             Check("sampling", "sample cifar10 batch 64", 15, 60, {"model": "cifar10", "batch": 64}),
-             Check("sampling", "sample cifar10 batch auto", 20, 90, {"model": "cifar10", "batch": "auto"}),
+             sampling_check(64, compiled=False), sampling_check("auto", compiled=False),
              Check("diffusers", "diffusers cifar10 eager", 25, 90, {"model": "cifar10", "compile": False}),
              train_check("cifar10", "fsdp", False)]
-    compiled = [train_check("cifar10", "single", True), train_check("celebahq", "single", True),
+    compiled = [train_check("cifar10", "single", True), sampling_check("auto", compiled=True),
+                train_check("celebahq", "single", True),
                 train_check("cifar10", "ddp", True),
                 Check("diffusers", "diffusers cifar10 compiled", 150, 240, {"model": "cifar10", "compile": True})]
     done = {(c.spec["model"], c.spec["engine"], c.spec["compile"]) for c in cheap + compiled if c.section == "train"}
@@ -154,30 +165,35 @@ def child_diffusers(spec: dict, smoke: bool) -> dict:
 
 
 def child_sampling(spec: dict, smoke: bool) -> dict:
-    """sample_throughput's run of our Sampler (SampleNoise, bf16) at a batch of 64 or `auto`."""
+    """sample_throughput's run of our Sampler (SampleNoise, bf16) at a batch of 64 or `auto`,
+    compiled or eager, with the network as `network_plan` runs it on this device."""
     import torch
     from bench_utils import time_median
     from sample_throughput import ours
     from ddpm_dist.evaluation.generate import auto_batch_size
     from ddpm_dist.modelio.factory import build_diffusion, build_model
     from ddpm_dist.noise import SampleNoise
-    from ddpm_dist.samplers import Sampler
+    from ddpm_dist.samplers import Sampler, network_plan
     cfg, device = model_config(spec["model"], smoke), device_of(smoke)
-    batch = spec["batch"]
-    if batch == "auto":
+    batch, compile = spec["batch"], "true" if spec["compile"] else "false"
+    if batch == "auto":  # probes the eager network, as tools/fid_sample.py does
         shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-        probe = Sampler(build_model(cfg.model).to(device).eval(), build_diffusion(cfg.diffusion), shape, bf16=True)
+        probe = Sampler(build_model(cfg.model).to(device).eval(), build_diffusion(cfg.diffusion), shape, bf16=True,
+                        compile=compile)
         batch = auto_batch_size(probe, device)
         del probe
     steps = 2 if smoke else 20
-    args = argparse.Namespace(batch_size=batch, bf16=True)
+    args = argparse.Namespace(batch_size=batch, bf16=True, compile=compile)
     run, _ = ours(lambda idx, dev: SampleNoise(0, idx, dev))(cfg, "ddpm", args, device)
     with torch.no_grad():
-        seconds = time_median(lambda: run(steps), 2 if smoke else 3, device)
+        seconds = time_median(lambda: run(steps), 2 if smoke else 3, device)  # the warm-up compiles
     image_steps_per_s = batch * steps / seconds
     projected_s = 50_000 * 1000 / image_steps_per_s
+    plan = network_plan(device, bf16=True, compile=compile)
     return {"batch": batch, "steps_timed": steps, "images_per_s_at_1000_steps": image_steps_per_s / 1000,
             "image_steps_per_s": image_steps_per_s, "projected_50k_1000_steps_min": projected_s / 60,
+            "weights": str(plan.dtype).removeprefix("torch."), "compiled": plan.compile,
+            "channels_last": plan.memory_format == torch.channels_last,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
@@ -322,7 +338,8 @@ def table_row(e: dict) -> str:
         notes = f"ours {fmt(e['ours_images_per_s'])} vs diffusers {fmt(e['diffusers_images_per_s'])} img/s, batch {e['batch']}"
         return f"| {e['name']} | {status} | {fmt(e['ours_images_per_s'])} | | | ratio {e['ratio']:.2f}x; {notes} |"
     if "projected_50k_1000_steps_min" in e:
-        notes = f"batch {e['batch']}: 50k × 1000 steps ≈ {e['projected_50k_1000_steps_min']:,.1f} min"
+        notes = (f"batch {e['batch']}, {e['weights']} weights, channels_last {e['channels_last']}: "
+                 f"50k × 1000 steps ≈ {e['projected_50k_1000_steps_min']:,.1f} min")
         return (f"| {e['name']} | {status} | {fmt(e['images_per_s_at_1000_steps'], ',.2f')} | | "
                 f"{fmt(e['peak_allocated_gb'], '.1f')} | {notes} (img/s at 1000 steps) |")
     mfu = fmt(e.get("mfu") * 100, ".1f") + "%" if isinstance(e.get("mfu"), float) else "-"

@@ -2,7 +2,7 @@
 """Samples/s of our samplers beside diffusers' DDPMPipeline / DDIMPipeline on the same topology.
 
     python bench/sample_throughput.py [--models cifar10 lsun_church] [--steps 1000] [--batch-size 256]
-                                      [--repeats 3] [--device cuda] [--bf16]
+                                      [--repeats 3] [--device cuda] [--bf16] [--compile auto]
 
 For each model (configs/<name>.yaml, e.g. cifar10, lsun_church, or demo_digits for a quick CPU
 check; random weights: speed does not depend on them) and each sampler (ancestral DDPM, DDIM η=0)
@@ -10,20 +10,23 @@ it times `Sampler` with `SampleNoise` (counter-based per-sample noise, the path 
 tools/fid_sample.py, minus PNG writing), `Sampler` with one torch.Generator per sample (the
 previous path) and, if `diffusers` is importable, its pipeline on a UNet2DModel of the same layout
 (channels, blocks, attention resolutions; ≈ the same parameter count), same batch, same steps.
-Each number is the median of --repeats timed runs after one warm-up run. "aten ops / step" is
-the op count of a 3-step run minus that of a 2-step run at the same batch (each op is at least
-one kernel launch on a GPU, views aside). The 50k line projects the time of 50,000 samples at
+Our sampler runs as tools/fid_sample.py runs it (`samplers.network_plan`: on a GPU channels_last,
+compiled with --compile auto, on a bf16 weight copy with --bf16). Each number is the median of
+--repeats timed runs after one warm-up run (which compiles). "aten ops / step" is the op count
+of a 3-step run minus that of a 2-step run at the same batch, eager (each op is at least one
+kernel launch on a GPU, views aside). The 50k line projects the time of 50,000 samples at
 1000 steps from the measured per-step rate (the goal on one H200: CIFAR-10 ≤ 35 min).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
 
 
-from ddpm_dist.config import load_config
+from ddpm_dist.config import CHOICES, load_config
 from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.noise import SampleNoise
 from ddpm_dist.samplers import Sampler, sample_generators
@@ -41,9 +44,13 @@ def ours(noise_of):
         shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
         diffusion = build_diffusion(cfg.diffusion)
 
+        @functools.cache  # one Sampler, and so one compile, per number of steps
+        def sampler_of(steps: int) -> Sampler:
+            return Sampler(model, diffusion, shape, sampler=sampler, steps=steps, eta=0.0, bf16=args.bf16,
+                           compile=args.compile)
+
         def run(steps: int):
-            s = Sampler(model, diffusion, shape, sampler=sampler, steps=steps, eta=0.0, bf16=args.bf16)
-            return s(noise_of(range(args.batch_size), device), device)
+            return sampler_of(steps)(noise_of(range(args.batch_size), device), device)
         return run, count_parameters(model)
     return build
 
@@ -68,8 +75,9 @@ def theirs(cfg, sampler: str, args, device):
 
 
 def ops_per_step(run) -> int:
-    """aten ops of one more reverse step: a 3-step run minus a 2-step run."""
-    with torch.no_grad():
+    """aten ops of one more reverse step: a 3-step run minus a 2-step run, eager (compiled code
+    launches Inductor's kernels, which are not aten ops)."""
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         return count_ops(lambda: run(3)) - count_ops(lambda: run(2))
 
 
@@ -82,6 +90,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--compile", choices=CHOICES["train.compile"], default="auto", help="ours: as fid_sample.py")
     args = p.parse_args()
     device = torch.device(args.device)
     impls = {"ddpm-dist SampleNoise": ours(lambda idx, dev: SampleNoise(0, idx, dev)),
@@ -93,7 +102,7 @@ def main() -> None:
         print("diffusers is not importable: its rows are skipped (pip install diffusers)")
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), batch {args.batch_size}, steps {args.steps or 'T'}, bf16 {args.bf16}, "
-          f"median of {args.repeats}")
+          f"compile {args.compile}, median of {args.repeats}")
     print("| model | sampler | implementation | params | aten ops / step | samples/s | 50k × 1000 steps (projected) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:

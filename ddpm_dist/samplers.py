@@ -10,17 +10,22 @@
   at kept steps are unchanged (Nichol & Dhariwal 2021, §4; improved-diffusion's respace.py).
 * DDIM (Song et al. 2021, Eq. 12) with σ_t(η) of Eq. 16; η = 1 is ancestral-like, η = 0
   is deterministic given x_T.
+* How the network runs (bf16 weights, channels_last, torch.compile) is decided in one place,
+  `network_plan`, per device; the diffusion arithmetic stays float32 on every path.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from ddpm_dist.diffusion import Generator, GaussianDiffusion, randn
 from ddpm_dist.noise import SampleNoise, sample_seed
+from ddpm_dist.training.engines.base import compile_enabled, guard_cpu_compile, memory_format
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -38,19 +43,72 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
 
 
 class TimestepMap:
-    """The model seen by a respaced diffusion: respaced index j → original timestep t_j; also
-    where bf16 autocast wraps the network (the diffusion arithmetic stays in float32/64)."""
+    """The model seen by a respaced diffusion: respaced index j → original timestep t_j."""
 
-    def __init__(self, model: Callable, timesteps: np.ndarray | None, bf16: bool = False):
-        self.model, self.bf16 = model, bf16
+    def __init__(self, model: Callable, timesteps: np.ndarray | None):
+        self.model = model
         self.timesteps = None if timesteps is None else torch.as_tensor(timesteps, dtype=torch.long)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.timesteps is not None:
-            t = self.timesteps.to(t.device)[t]
-        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with ctx:
-            return self.model(x, t)
+            if self.timesteps.device != t.device:
+                self.timesteps = self.timesteps.to(t.device)  # once, not a host-to-device copy per step
+            t = self.timesteps[t]
+        return self.model(x, t)
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """How the sampler runs the network on one device (made by `network_plan`)."""
+    dtype: torch.dtype                  # of the sampling weights and activations
+    autocast: bool                      # bf16 autocast over float32 weights
+    memory_format: torch.memory_format  # of the weights and of x_t
+    compile: bool                       # torch.compile of the network call
+
+
+def network_plan(device: torch.device, bf16: bool, compile: str = "auto") -> NetworkPlan:
+    """The one place that decides how the network runs while sampling on `device`.
+
+    CUDA: with bf16 the network runs on a bf16 copy of the weights, in bf16 activations (not
+    autocast, which re-casts the float32 weights at every step); channels_last; compiled unless
+    compile="false". CPU: the path as it was, float32 weights (bf16 autocast with bf16), the
+    default layout, eager unless compile="true": Inductor's bf16 CPU code was wrong on some
+    CPUs (`guard_cpu_compile`) and channels_last changes the float32 results there. Either way
+    x_t, the noise and the update stay float32 (`SamplingNetwork` returns float32)."""
+    cuda = device.type == "cuda"
+    return NetworkPlan(dtype=torch.bfloat16 if bf16 and cuda else torch.float32, autocast=bf16 and not cuda,
+                       memory_format=memory_format(device), compile=compile_enabled(compile, device))
+
+
+class SamplingNetwork(nn.Module):
+    """`model` as `plan` runs it: weights (a copy when their dtype changes, so the caller keeps
+    its float32 weights) and input x_t in the plan's dtype and layout; returns float32."""
+
+    def __init__(self, model: nn.Module, plan: NetworkPlan):
+        super().__init__()
+        if plan.dtype != torch.float32:
+            model = copy.deepcopy(model).to(plan.dtype)
+        self.net = model.to(memory_format=plan.memory_format)  # in place for float32: the values stay
+        self.plan = plan
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.plan.dtype, memory_format=self.plan.memory_format)  # no copy on the float32 CPU path
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.plan.autocast):
+            return self.net(x, t).float()
+
+
+class InLayout:
+    """A noise source whose draws come in `memory_format` (same values): x_T, and so every x_t,
+    has the network's layout and no step converts it."""
+
+    def __init__(self, noise: SampleNoise | Generator, device, memory_format: torch.memory_format):
+        self.noise, self.device, self.memory_format = noise, device, memory_format
+
+    def __len__(self) -> int:
+        return len(self.noise)
+
+    def draw(self, shape: Sequence[int]) -> torch.Tensor:
+        return randn(shape, self.noise, self.device).to(memory_format=self.memory_format)
 
 
 def respace(diffusion: GaussianDiffusion, steps: int | None) -> tuple[GaussianDiffusion, np.ndarray]:
@@ -97,19 +155,30 @@ def ddim_step(diffusion: GaussianDiffusion, model: Callable, x: torch.Tensor, t:
 
 class Sampler:
     """`sampler(noise, device)` → a batch of samples in [−1, 1], one row per sample of `noise`:
-    a `SampleNoise` or a list of torch generators, one per sample."""
+    a `SampleNoise` or a list of torch generators, one per sample. `bf16` and `compile`
+    ("auto", "true", "false") are read by `network_plan` for the device of `model`'s weights."""
 
-    def __init__(self, model: Callable, diffusion: GaussianDiffusion, image_shape: Sequence[int], *,
-                 sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, bf16: bool = False):
+    def __init__(self, model: nn.Module, diffusion: GaussianDiffusion, image_shape: Sequence[int], *,
+                 sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, bf16: bool = False,
+                 compile: str = "auto"):
         if sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.diffusion, kept = respace(diffusion, steps)
+        device = next(model.parameters()).device
+        self.plan = network_plan(device, bf16, compile)
+        if self.plan.compile:
+            guard_cpu_compile(device, "bf16" if bf16 else "fp32")
+        # Eager: what `auto_batch_size` probes (one compile per probed batch size would be slow).
+        self.network = SamplingNetwork(model, self.plan)
+        # Wrapped once: the first call compiles, every later step and batch of that shape reuses it.
+        network = torch.compile(self.network) if self.plan.compile else self.network
         # K = T keeps every step (β' = β up to rounding): the map is the identity, skip the lookup.
-        self.model = TimestepMap(model, kept if len(kept) < diffusion.num_timesteps else None, bf16)
+        self.model = TimestepMap(network, kept if len(kept) < diffusion.num_timesteps else None)
         self.image_shape, self.kind, self.eta = tuple(image_shape), sampler, eta
 
     def __call__(self, noise: SampleNoise | Generator, device) -> torch.Tensor:
         shape = (len(noise), *self.image_shape)
+        noise = InLayout(noise, device, self.plan.memory_format)
         if self.kind == "ddim":
             return ddim_sample_loop(self.diffusion, self.model, shape, eta=self.eta, generator=noise, device=device)
         return self.diffusion.p_sample_loop(self.model, shape, generator=noise, device=device)

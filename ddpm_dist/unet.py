@@ -178,7 +178,9 @@ class UNet(nn.Module):
         assert x.shape[1:] == (self.in_channels, self.resolution, self.resolution), \
             f"expected input [B, {self.in_channels}, {self.resolution}, {self.resolution}], got {tuple(x.shape)}"
         assert t.shape == (x.shape[0],), f"expected timesteps [{x.shape[0]}], got {tuple(t.shape)}"
-        temb = self.temb(timestep_embedding(t, self.ch))
+        # The sinusoids are computed in float32 and enter the time MLP in the input's dtype, so a
+        # bf16 copy of the network runs without autocast (a no-op for float32 inputs).
+        temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
         hs = [self.conv_in(x)]
         for layer in self.down:
             hs.append(layer(hs[-1], temb))

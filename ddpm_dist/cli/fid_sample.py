@@ -11,7 +11,8 @@ with `DIR/samples_{N}x{H}x{W}x3.npz` and `DIR/result.json` (N, seed, sampler, st
 hash; FID/IS and the Inception pipeline when scoring, plus the samples' `inception_stats.npz`).
 Scoring is on with --ref-stats, --inception-weights or --score. `--seeds 3` samples seeds S,
 S+1, S+2 (disjoint: noise keys mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample
-std (ddof=1).
+std (ddof=1). On a GPU the network runs channels_last and compiled once (--compile auto);
+--bf16 runs it on a bf16 copy of the weights (ddpm_dist/samplers.py: `network_plan`).
 Launch: inside torchrun/srun the ranks exist already; else `--launcher local` spawns W
 processes here and `--launcher slurm` submits W tasks with submitit.
 """
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 from ddpm_dist import distributed
+from ddpm_dist.config import CHOICES
 from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
@@ -58,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=batch_size, default=64,
                    help="samples per model call per rank, or auto: on a GPU the largest power of two ≤ 1024 "
                         "whose step fits in 80%% of free memory, on a CPU 64")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 network: on a GPU a bf16 copy of the weights, on a CPU bf16 autocast; x_t stays float32")
+    p.add_argument("--compile", choices=CHOICES["train.compile"], default="auto",
+                   help="torch.compile the network once (auto: on a GPU only)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the samples in --out first, even if other settings made them")
     p.add_argument("--score", action="store_true", help="Inception Score (and FID with --ref-stats)")
@@ -116,7 +121,7 @@ def run_rank(args) -> dict | None:
     try:
         sha = weights_sha256(model.state_dict())
         sampler = Sampler(model.to(info.device), diffusion, (model.in_channels, model.resolution, model.resolution),
-                          sampler=args.sampler, steps=args.steps, eta=args.eta, bf16=args.bf16)
+                          sampler=args.sampler, steps=args.steps, eta=args.eta, bf16=args.bf16, compile=args.compile)
         batch = auto_batch_size(sampler, info.device) if args.batch_size == "auto" else args.batch_size
         inception, ref = load_scoring(args, info.device) if args.score else (None, None)
         runs = []
@@ -124,7 +129,7 @@ def run_rank(args) -> dict | None:
             out, seed = Path(job.out), job.seed
             score = InceptionStatistics(inception, args.num_samples, info.device, splits=10) if args.score else None
             run = {"seed": seed, "out": str(out), "world_size": info.world_size, "batch_size": batch,
-                   **generate(job, sampler, info, score)}
+                   "compiled": sampler.plan.compile, **generate(job, sampler, info, score)}
             if score is not None and info.is_main:
                 run.update(score.result(out, ref))
             runs.append(run)

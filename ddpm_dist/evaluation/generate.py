@@ -175,7 +175,9 @@ def largest_power_of_two(fits: Callable[[int], bool], limit: int) -> int:
 
 def step_peak_bytes(sampler: Sampler, batch: int, device: torch.device) -> float:
     """CUDA memory one sampling step at `batch` adds at its peak (x_t, a forward, the step's
-    noise); infinite if it runs out of memory."""
+    noise); infinite if it runs out of memory. The forward is the eager network, in the dtype
+    and layout of sampling, not the compiled one, which would compile once per probed size
+    (and whose fused kernels usually keep fewer intermediates alive)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -183,7 +185,7 @@ def step_peak_bytes(sampler: Sampler, batch: int, device: torch.device) -> float
         with torch.no_grad():
             noise = SampleNoise(0, range(batch), device)
             x = noise.draw((batch, *sampler.image_shape))
-            out = sampler.model(x, torch.zeros(batch, dtype=torch.long, device=device))
+            out = sampler.network(x, torch.zeros(batch, dtype=torch.long, device=device))
             noise.draw(out.shape)
         return torch.cuda.max_memory_allocated(device) - base
     except torch.cuda.OutOfMemoryError:

@@ -53,9 +53,7 @@ class Engine:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        """The layout of the weights, and so of the inputs: channels_last on CUDA (faster
-        convolutions on tensor cores)."""
-        return torch.channels_last if self.device.type == "cuda" else torch.preserve_format
+        return memory_format(self.device)
 
     def autocast(self) -> ContextManager:
         raise NotImplementedError
@@ -158,8 +156,15 @@ def _checkpointed(forward, *args):
     return checkpoint(forward, *args, use_reentrant=False)
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of the weights, and so of the inputs: channels_last on CUDA (faster
+    convolutions on tensor cores); on a CPU the default layout, whose results channels_last
+    would change in the last bits."""
+    return torch.channels_last if device.type == "cuda" else torch.preserve_format
+
+
 def compile_enabled(setting: str, device: torch.device) -> bool:
-    """train.compile: "auto" compiles on CUDA only."""
+    """train.compile and the sampler's --compile: "auto" compiles on CUDA only."""
     return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
