@@ -83,22 +83,42 @@ def test_the_chain_ends_with_a_report_of_the_real_stages_and_a_rerun_does_nothin
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == written
 
 
-def test_a_rerun_while_the_chain_is_queued_submits_nothing_twice(slurm_cluster, tmp_path):
+def test_prepare_here_then_a_rerun_while_the_chain_is_queued_submits_nothing_twice(slurm_cluster, tmp_path):
     _image_folders(tmp_path / "raw")
-    subprocess.run(["scontrol", "update", f"PartitionName={slurm_cluster['SLURM_TEST_PARTITION']}", "State=DOWN"],
-                   check=True)  # jobs queue but do not start
+    partition = f"PartitionName={slurm_cluster['SLURM_TEST_PARTITION']}"
+    subprocess.run(["scontrol", "update", partition, "State=DOWN"], check=True)  # jobs queue, none starts
     try:
-        first = _reproduce(slurm_cluster, tmp_path)
+        first = _reproduce(slurm_cluster, tmp_path, "--prepare-here")
         second = _reproduce(slurm_cluster, tmp_path)
     finally:
-        subprocess.run(["scontrol", "update", f"PartitionName={slurm_cluster['SLURM_TEST_PARTITION']}", "State=UP"],
-                       check=True)
+        subprocess.run(["scontrol", "update", partition, "State=UP"], check=True)
         jobs = _submitted(first.stdout)
         subprocess.run(["scancel", *jobs.values()], capture_output=True)
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
-    assert len(jobs) == 6 and not _submitted(second.stdout), second.stdout
+    assert [line for line in first.stdout.splitlines() if line.startswith("prepare:")] == \
+        ["prepare: running here", "prepare: done"], first.stdout
+    assert (tmp_path / "run" / "eval" / "reference_train.npz").is_file()
+    assert list(jobs) == ["train", "export", "fid", "nll", "report"] and not _submitted(second.stdout)
     for stage, job_id in jobs.items():
         assert f"{stage}: already queued as job {job_id}" in second.stdout
+
+
+def test_a_cifar10_archive_that_is_not_the_official_one_is_refused(tmp_path):
+    import io
+    import tarfile
+    fake = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        member = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        member.size = 3
+        tar.addfile(member, io.BytesIO(b"abc"))
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), "configs/cifar10.yaml",
+                           f"data.source={tmp_path / 'shards'}", f"out_dir={tmp_path / 'run'}", "--raw", str(fake),
+                           "--raw-dir", str(tmp_path / "raw"), "--inception-weights", str(fake), "--stage", "prepare"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"reproduce: error: {fake}: sha256 ") and "is not the official archive's" in last
+    assert not (tmp_path / "raw" / "cifar-10-batches-py").exists() and not (tmp_path / "shards").exists()
 
 
 @pytest.mark.parametrize("args, message", [

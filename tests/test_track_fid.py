@@ -64,7 +64,9 @@ def test_each_checkpoint_becomes_a_tensorboard_point_from_its_own_slurm_job(slur
     rows = [json.loads(line) for line in (run / "eval" / "track" / "fid12.jsonl").read_text().splitlines()]
     assert [(r["step"], r["fid"]) for r in rows] == [(s, pytest.approx(v)) for s, v in points]
     assert [s for s, _ in _tensorboard_scalars(run / "tb", "eval/is12")] == [4, 8]
-    assert "submitted Slurm job" in err  # each evaluation ran as a job of its own
+    for step in (4, 8):  # each evaluation ran as a Slurm job of its own, with 2 tasks
+        assert len(list((run / "eval" / "track" / f"step_{step:08d}" / "samples" / "slurm").glob("*_log.out"))) == 2
+    assert err.count("submitted Slurm job") == 2
     assert not list((run / "eval" / "track").glob("step_*/samples/000000"))  # PNGs removed once scored
 
 

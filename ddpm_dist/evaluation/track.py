@@ -67,6 +67,9 @@ class Tracker:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
             raise RuntimeError(f"step {step}: {last}")
+        for line in proc.stdout.splitlines():
+            if line.startswith("submitted Slurm job"):
+                log.info("step %d: %s", step, line)
         result = json.loads((out / "samples" / "result.json").read_text())
         row = {"step": step, "fid": result.get("fid"), "inception_score": result.get("inception_score"),
                "num_samples": self.num_samples, "weights_sha256": result["weights_sha256"]}

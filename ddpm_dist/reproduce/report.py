@@ -54,7 +54,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {label.format(n=ev['num_samples'])} | {_cell(ours[key], std)} | {_cell(paper.get(key))} |")
     lines += ["", f"FID: mean ± sample std over {len(ev['seeds'])} seed sets {ev['seeds']}; sampler {ev['sampler']}, "
                   f"{ev['steps'] or 'all'} steps. Pipeline: {ev['pipeline']}.",
-              f"Training: {tr['steps']} steps, {tr['device_hours']:.2f} device-hours (from metrics.jsonl).",
+              f"Training: {tr['steps']} steps, {tr['device_hours']:.3g} device-hours (from metrics.jsonl).",
               f"Weights sha256: `{ev['weights_sha256']}`.", ""]
     return "\n".join(lines)
 
