@@ -82,6 +82,9 @@ class TrainConfig:
     # torch.compile of the U-Net: "auto" = on CUDA, off on CPU (Inductor's AVX-512 bf16 code
     # gave wrong gradients on some CPUs); "true" / "false" force it.
     compile: str = "auto"
+    # torch.compile's mode where compile is on. "reduce-overhead" replays the compiled U-Net as
+    # CUDA graphs (the step reads nothing back from the GPU between log points, so it can).
+    compile_mode: str = "default"
     zero_stage: int = 2  # engine=deepspeed only: ZeRO stage 0-3
     log_every: int = 100
     sample_every: int = 10_000
@@ -131,6 +134,7 @@ CHOICES = {
     "diffusion.loss_type": ("mse", "kl"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.compile": ("auto", "true", "false"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "engine": ("single", "ddp", "fsdp", "deepspeed"),
     "device": ("auto", "cpu", "cuda"),
 }

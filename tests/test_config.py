@@ -58,6 +58,7 @@ def test_retired_keys_in_older_run_configs_are_ignored(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["train.totl_steps=5"], "unknown key train.totl_steps; allowed keys under train: batch_size"),
     (["engine=fdsp"], "engine: 'fdsp' is not one of single, ddp, fsdp, deepspeed"),
+    (["train.compile_mode=cudagraphs"], "train.compile_mode: 'cudagraphs' is not one of default, reduce-overhead"),
     (["diffusion.model_var_type=learned"], "diffusion.model_var_type: 'learned' is not one of fixedlarge, fixedsmall"),
     (["train.batch_size=lots"], "train.batch_size: expected int, got 'lots'"),
     (["data.flip=maybe"], "data.flip: expected true or false, got 'maybe'"),

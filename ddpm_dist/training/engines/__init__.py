@@ -38,7 +38,8 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info:
     # FSDP2 and DeepSpeed hook every block, so each block is compiled between the hooks.
     apply_block_options(model, activation_checkpointing=cfg.train.activation_checkpointing,
                         compile=compile_enabled(cfg.train.compile, device), device=device,
-                        precision=cfg.train.precision, whole_model=cfg.engine in ("single", "ddp"))
+                        precision=cfg.train.precision, whole_model=cfg.engine in ("single", "ddp"),
+                        compile_mode=cfg.train.compile_mode)
     if cfg.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
         return DeepSpeedEngine(cfg, model, device, dist_info, *batch_split(cfg, dist_info.world_size))

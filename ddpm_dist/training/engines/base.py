@@ -169,7 +169,8 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
 
 
 def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, compile: bool,
-                        device: torch.device, precision: str, whole_model: bool = True) -> None:
+                        device: torch.device, precision: str, whole_model: bool = True,
+                        compile_mode: str = "default") -> None:
     """Per-Block activation checkpointing, and torch.compile of the whole model (or of each Block
     when `whole_model` is False), in place, so parameter names (and so checkpoints) stay those of
     the plain UNet. The U-Net's forward traces as one graph (no graph breaks). Call before
@@ -182,9 +183,9 @@ def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, com
             if activation_checkpointing:
                 block.forward = functools.partial(_checkpointed, block.forward)
             if per_block_compile:
-                block.compile()
+                block.compile(mode=compile_mode)
     if compile and whole_model:
-        model.compile()
+        model.compile(mode=compile_mode)
 
 
 def guard_cpu_compile(device: torch.device, precision: str) -> None:
