@@ -17,9 +17,8 @@ import logging
 import os
 import sys
 
-from ddpm_dist.data.convert import make_shards
+from ddpm_dist.data.convert import convert_source
 from ddpm_dist.data.fs import DataError
-from ddpm_dist.data.sources import open_source
 from ddpm_dist.utils.urls import credentials_error
 
 
@@ -59,14 +58,10 @@ def check_args(args) -> None:
 
 
 def convert(args) -> dict:
-    source = open_source(args.source, args.input, args.resolution, args.split)
-    params = {"source": args.source, "input": os.path.basename(os.path.normpath(args.input or "")),
-              "resolution": args.resolution or _native_resolution(source), "format": args.format,
-              "quality": args.quality, "seed": args.seed,
-              **({"split": args.split} if args.split != "train" else {})}  # train sets keep their old params
-    return make_shards(source, args.out, params=params, max_samples=args.max_samples,
-                       max_bytes=args.max_bytes, workers=args.workers,
-                       endpoint=args.s3_endpoint, progress=not args.no_progress)
+    return convert_source(args.source, args.input, args.out, resolution=args.resolution, image_format=args.format,
+                          quality=args.quality, seed=args.seed, split=args.split, max_samples=args.max_samples,
+                          max_bytes=args.max_bytes, workers=args.workers, endpoint=args.s3_endpoint,
+                          progress=not args.no_progress)
 
 
 def main(argv=None) -> int:
@@ -80,17 +75,6 @@ def main(argv=None) -> int:
         return 1
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out}")
     return 0
-
-
-def _native_resolution(source) -> int:
-    """Without --resolution the images keep their size; index.json records the first one's."""
-    ids = source.ids()
-    if not ids:
-        raise ValueError("the source holds no images")
-    w, h = source.load(ids[0]).size
-    if w != h:
-        raise ValueError("images are not square; pass --resolution")
-    return w
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             from ddpm_dist.reproduce.chain import run_chain
             jobs = run_chain(plan, argv, prepare_here=args.prepare_here)
             print(f"report: {plan.run / 'report.md'}" + (" (queued)" if jobs else ""))
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:  # DataError is a RuntimeError
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 2
     return 0

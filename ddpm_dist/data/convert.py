@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -22,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ddpm_dist.data import fs
+from ddpm_dist.data.sources import open_source
 from ddpm_dist.data.shards import encode, pack, sha256, shard_members, tar_bytes
 
 log = logging.getLogger(__name__)
@@ -126,3 +128,28 @@ def make_shards(source, out: str, *, params: dict, max_samples: int = 1000,
         bar.update(len(group))
     bar.close()
     return _write_index(out, shards, params, True, endpoint)
+
+
+def convert_source(kind: str, input_path: str | None, out: str, *, resolution: int | None = None,
+                   image_format: str = "png", quality: int = 95, seed: int = 0, split: str = "train",
+                   **options) -> dict:
+    """Shards of a source (`open_source` kinds) under `out`: `make_shards` with the params that
+    determine the bytes, which a rerun compares to skip verified shards. `options` go to
+    make_shards (max_samples, workers, endpoint, progress, ...)."""
+    source = open_source(kind, input_path, resolution, split)
+    params = {"source": kind, "input": os.path.basename(os.path.normpath(input_path or "")),
+              "resolution": resolution or _native_resolution(source), "format": image_format,
+              "quality": quality, "seed": seed,
+              **({"split": split} if split != "train" else {})}  # train sets keep their old params
+    return make_shards(source, out, params=params, **options)
+
+
+def _native_resolution(source) -> int:
+    """Without a resolution the images keep their size; index.json records the first one's."""
+    ids = source.ids()
+    if not ids:
+        raise ValueError("the source holds no images")
+    w, h = source.load(ids[0]).size
+    if w != h:
+        raise ValueError("images are not square; pass --resolution")
+    return w

@@ -48,10 +48,7 @@ def prepare(plan: Plan) -> None:
     elif plan.dataset.test == "split":
         _write_shards(plan, raw, plan.test_data, "test")
     if not plan.reference_stats.is_file():
-        from ddpm_dist.cli import fid_stats
-        log.info("reference statistics of %s → %s", plan.shards, plan.reference_stats)
-        fid_stats.main([plan.shards, "--out", str(plan.reference_stats),
-                        "--inception-weights", str(plan.inception_weights)])
+        _reference_statistics(plan)
 
 
 def raw_input(plan: Plan) -> str | None:
@@ -96,15 +93,23 @@ def _check_sha256(path: Path, expected: str) -> None:
 def _write_shards(plan: Plan, raw: str | None, out: str, split: str) -> None:
     if shards_complete(out, plan.cfg.data.s3_endpoint):
         return
-    from ddpm_dist.cli import make_shards
-    argv = ["--source", plan.dataset.source, "--out", out, "--format", plan.dataset.image_format,
-            "--split", split, "--workers", str(min(os.cpu_count() or 1, 16))]
-    if raw:
-        argv += ["--input", raw]
-    if plan.dataset.crop or plan.dataset.source == "digits":  # digits: upscaled from 8²
-        argv += ["--resolution", str(plan.cfg.model.resolution)]
-    if plan.cfg.data.s3_endpoint:
-        argv += ["--s3-endpoint", plan.cfg.data.s3_endpoint]
-    log.info("shards: make_shards %s", " ".join(argv))
-    if make_shards.main(argv) != 0:
-        raise ValueError(f"writing the {split} shards to {out} failed (see the error above)")
+    from ddpm_dist.data.convert import convert_source
+    # The 256² sets are centre-cropped and resized while writing; the digits upscaled from 8².
+    resize = plan.dataset.crop or plan.dataset.source == "digits"
+    log.info("writing the %s shards of %s to %s", split, raw or plan.dataset.source, out)
+    index = convert_source(plan.dataset.source, raw, out, resolution=plan.cfg.model.resolution if resize else None,
+                           image_format=plan.dataset.image_format, split=split,
+                           workers=min(os.cpu_count() or 1, 16), endpoint=plan.cfg.data.s3_endpoint)
+    log.info("wrote %d samples in %d shards to %s", index["total"], len(index["shards"]), out)
+
+
+def _reference_statistics(plan: Plan) -> None:
+    """pytorch-fid's convention: every training image, unflipped, as the model saw it."""
+    from ddpm_dist.metrics.evaluate import default_device, path_statistics
+    from ddpm_dist.metrics.inception import load_inception
+    from ddpm_dist.metrics.stats import save_stats
+    device = default_device()
+    log.info("reference statistics of %s → %s", plan.shards, plan.reference_stats)
+    mu, sigma = path_statistics(plan.shards, lambda: load_inception(plan.inception_weights, device), device=device)
+    plan.reference_stats.parent.mkdir(parents=True, exist_ok=True)
+    save_stats(plan.reference_stats, mu, sigma)
