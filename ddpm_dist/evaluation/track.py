@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpm_dist.modelio.source import export_checkpoint
-from ddpm_dist.training.checkpoint import checkpoint_config, complete_checkpoints
+from ddpm_dist.training.checkpoint import checkpoint_config, complete_checkpoints, step_of
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 2  # per checkpoint
@@ -101,7 +101,7 @@ def watch(tracker: Tracker, *, poll_s: float, once: bool, max_idle_s: float) -> 
     idle_since = time.monotonic()
     while True:
         done = tracker.evaluated()
-        steps = [(int(c.name.split("_")[1]), c) for c in complete_checkpoints(tracker.run / "checkpoints")]
+        steps = [(step_of(c), c) for c in complete_checkpoints(tracker.run / "checkpoints")]
         for step, checkpoint in [(s, c) for s, c in steps if s not in done and s not in failed]:
             idle_since = time.monotonic()
             if not _evaluate_with_retry(tracker, checkpoint, step):

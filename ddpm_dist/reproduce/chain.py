@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -23,9 +22,7 @@ from ddpm_dist.launch.ranks import eval_resources, package_env, submit_command
 from ddpm_dist.launch.slurm import JobResources, make_executor
 from ddpm_dist.reproduce.plan import Plan
 from ddpm_dist.reproduce.prepare import is_prepared
-from ddpm_dist.training.checkpoint import latest_checkpoint
-
-log = logging.getLogger(__name__)
+from ddpm_dist.training.checkpoint import latest_checkpoint, step_of
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class Stage:
 
 def trained_step(plan: Plan) -> int:
     found = latest_checkpoint(plan.run / "checkpoints")
-    return int(found.name.split("_")[1]) if found else 0
+    return step_of(found) if found else 0
 
 
 def _newer(path, than) -> bool:

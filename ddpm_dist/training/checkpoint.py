@@ -58,7 +58,7 @@ def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -68,6 +68,11 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(checkpoint: Path) -> int:
+    """The training step of a `step_N` checkpoint folder."""
+    return int(_STEP_DIR.match(checkpoint.name).group(1))
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, engine: Engine, extra: dict, keep_last: int, cfg: Config,
