@@ -120,10 +120,9 @@ class DDPEngine(TorchEngine):
     def _wrap(self, module: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Gradients are views into the all-reduce buckets (no copy in or out of them); the
-        # U-Net uses every parameter in every step, so the graph is static (DDP can skip its
-        # per-step search for unused parameters and reuse the bucket order it learned).
-        return DDP(module, device_ids=ids, gradient_as_bucket_view=True, static_graph=True)
+        # Gradients are views into the all-reduce buckets: no copy in or out of them. Not
+        # static_graph: DDP's reducer asserts under no_sync (gradient accumulation) with it.
+        return DDP(module, device_ids=ids, gradient_as_bucket_view=True)
 
     def no_sync(self):
         # DDP decides at forward time whether backward reduces, so this wraps both.
