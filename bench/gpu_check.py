@@ -201,10 +201,9 @@ CHILDREN = {"env": child_env, "groupnorm": child_groupnorm, "diffusers": child_d
 
 
 def child_main(section: str, spec_json: str, result_path: str, smoke: bool) -> None:
+    from ddpm_dist.utils.files import atomic_write
     result = CHILDREN[section](json.loads(spec_json), smoke)
-    tmp = Path(result_path + ".tmp")  # renamed when complete: the parent reads it once it exists
-    tmp.write_text(json.dumps(result))
-    tmp.replace(result_path)
+    atomic_write(result_path, json.dumps(result))  # complete or absent: the parent reads it once it exists
 
 
 # ----------------------------------------------------------------------- the parent: scheduling ---
@@ -372,9 +371,8 @@ def run_all(checks: list[Check], budget: float, work: Path, smoke: bool, out: Pa
 
 
 def write_json(path: Path, report: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    from ddpm_dist.utils.files import atomic_write
+    atomic_write(path, json.dumps(report, indent=1))
 
 
 def failed_logs(work: Path, report: dict) -> str:

@@ -182,16 +182,15 @@ class Run:
         progress.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['perf/images_per_s']:.0f}")
         return scalars["loss"], scalars.pop("nonfinite_run")
 
-    def checkpoint(self, done: int) -> None:
+    def checkpoint(self, done: int, name: str | None = None) -> None:
         save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
-                        self.cfg.train.keep_last, self.cfg)
+                        self.cfg.train.keep_last, self.cfg, name=name)
 
     def stop_nonfinite(self, done: int, what: str) -> None:
         """Save the state for inspection under a name that resume and rotation ignore, so the good
         checkpoints stay, and stop."""
         name = f"nonfinite_step_{done:08d}"
-        save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
-                        self.cfg.train.keep_last, self.cfg, name=name)
+        self.checkpoint(done, name)
         raise NonFiniteLossError(f"{what} at step {done}; saved it as {self.ckpt_dir / name} (resume ignores it "
                                  f"and continues from the last step_* checkpoint). Lower optim.lr or use "
                                  f"train.precision=bf16/fp32")

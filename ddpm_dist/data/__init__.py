@@ -36,10 +36,9 @@ def webdataset_urls(source: str, *, endpoint: str | None = None) -> list[str]:
     registers our s3:// opener with webdataset (fs.register_webdataset_s3).
     """
     from ddpm_dist.data import fs
-    from ddpm_dist.data.shards import load_index
+    from ddpm_dist.data.shards import read_index
 
-    index_url = fs.join(source, "index.json")
-    index = load_index(fs.read_bytes(index_url, endpoint=endpoint, check=True), source)
+    index = read_index(source, endpoint=endpoint)
     if source.startswith("s3://"):
         fs.register_webdataset_s3(endpoint)
     return [fs.join(source, shard["name"]) for shard in index["shards"]]

@@ -133,3 +133,10 @@ def load_index(data: bytes, url: str) -> dict:
             raise DataConfigError(f"{url}: index.json names shard {name!r} outside the data folder "
                                   f"(absolute, '..' or a URL); refusing to read it")
     return index
+
+
+def read_index(url: str, *, endpoint: str | None = None, retries: int = 5) -> dict:
+    """The index.json of the shards at `url`, read (an error no retry can fix ends at once: a
+    missing file, a wrong bucket, denied access) and checked by `load_index`."""
+    from ddpm_dist.data import fs
+    return load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=endpoint, retries=retries, check=True), url)

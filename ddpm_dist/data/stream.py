@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ddpm_dist.data import fs
 from ddpm_dist.data.batch import ImageBatch
-from ddpm_dist.data.shards import centre_crop_resize, load_index, read_images, sha256
+from ddpm_dist.data.shards import centre_crop_resize, read_images, read_index, sha256
 from ddpm_dist.utils.seeds import numpy_rng
 
 log = logging.getLogger(__name__)
@@ -120,12 +120,17 @@ class ShardRead:
 
 
 def read_shard(plan: Plan, index: int, cancel: threading.Event | None = None) -> ShardRead:
+    """Shard `index` of the plan, read with its retries (`read_shard_at`)."""
+    name, count, checksum = plan.shards[index]
+    return read_shard_at(fs.join(plan.base, name), count, checksum, endpoint=plan.endpoint,
+                         retries=plan.retries, wait=plan.retry_wait, cancel=cancel)
+
+
+def read_shard_at(url: str, count: int, checksum: str, *, endpoint: str | None = None, retries: int = 5,
+                  wait: float = 1.0, cancel: threading.Event | None = None) -> ShardRead:
     """A shard's image bytes; one whose bytes differ from index.json (truncated, rewritten,
     damaged) is not used at all: its index.json samples are all missing."""
-    name, count, checksum = plan.shards[index]
-    url = fs.join(plan.base, name)
-    data = fs.read_bytes(url, endpoint=plan.endpoint, retries=plan.retries, wait=plan.retry_wait,
-                         cancel=cancel)
+    data = fs.read_bytes(url, endpoint=endpoint, retries=retries, wait=wait, cancel=cancel)
     if sha256(data) != checksum:
         return ShardRead(url, [], count, f"checksum differs from index.json ({len(data)} bytes read)")
     images, rejected = read_images(data, url)
@@ -180,11 +185,10 @@ class _Prefetch:
 
 
 def stream_samples(plan: Plan, epoch: int, stream: int, cursor: tuple[int, int],
-                   tally: SkipTally | None = None):
+                   tally: SkipTally):
     """Endless (image or None if corrupt, its flip, skipped-count, cursor after it) from a
     cursor on."""
     position, slot = cursor
-    tally = tally or SkipTally(plan.max_skip_fraction)
     empty_run = 0
     prefetch = _Prefetch()  # fetches the next shard while this one is decoded
     upcoming = prefetch.read(plan, plan.shard_at(epoch, stream, position))
@@ -399,8 +403,7 @@ def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, 
     `channels`-channel images (1: grey, 3: RGB); pin_memory for a CUDA device."""
     if channels not in PIL_MODES:
         raise ValueError(f"shards decode to 1 (grey) or 3 (RGB) channels, not {channels}")
-    index = load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=data_cfg.s3_endpoint,
-                                     check=True), url)
+    index = read_index(url, endpoint=data_cfg.s3_endpoint)
     if index["resolution"] != resolution:
         log.warning("%s: shards are %d², model wants %d²: resizing while decoding", url,
                     index["resolution"], resolution)

@@ -107,10 +107,10 @@ def clear_samples(out: str | Path) -> None:
 
 
 def prepare_output(job: SampleJob) -> None:
-    """Rank 0, before any PNG: refuse another run's folder (or clear it), write the manifest."""
+    """Rank 0, before any PNG, after every rank's `check_output`: clear the folder if asked,
+    write the manifest."""
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_output(out, job)
     if job.overwrite:
         clear_samples(out)
     remove_partial_files(out)
@@ -207,9 +207,7 @@ def auto_batch_size(sampler: Sampler, device: torch.device) -> int:
 
 def write_samples(out: str | Path, indices: list[int], images: torch.Tensor) -> None:
     for i, image in zip(indices, images):
-        path = sample_path(out, i)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(image, path)
+        save_png(image, sample_path(out, i))  # its atomic write creates the thousands folder
 
 
 def merge_npz(out: str | Path, n: int) -> Path:

@@ -54,10 +54,9 @@ class ShardImages:
     from index.json stops the statistics with one line rather than leaving images out."""
 
     def __init__(self, url: str, endpoint: str | None = None):
-        from ddpm_dist.data import fs
-        from ddpm_dist.data.shards import load_index
+        from ddpm_dist.data.shards import read_index
         self.url, self.endpoint = url.rstrip("/"), endpoint
-        index = load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=endpoint, check=True), url)
+        index = read_index(url, endpoint=endpoint)
         self.resolution = int(index["resolution"])
         self.shards = [(s["name"], int(s["samples"]), s["sha256"]) for s in index["shards"]]
         self.starts = np.cumsum([0] + [count for _, count, _ in self.shards])
@@ -73,16 +72,14 @@ class ShardImages:
 
     def _images(self, shard: int) -> list[bytes]:
         from ddpm_dist.data import fs
-        from ddpm_dist.data.shards import read_images, sha256
+        from ddpm_dist.data.stream import read_shard_at
         if self._cached[0] != shard:
             name, count, checksum = self.shards[shard]
-            url = fs.join(self.url, name)
-            data = fs.read_bytes(url, endpoint=self.endpoint)
-            images, _ = read_images(data, url)
-            if sha256(data) != checksum or len(images) != count:
-                raise ValueError(f"{url} differs from index.json (damaged or rewritten); "
+            read = read_shard_at(fs.join(self.url, name), count, checksum, endpoint=self.endpoint)
+            if read.problem or read.missing:
+                raise ValueError(f"{read.url} differs from index.json (damaged or rewritten); "
                                  f"write the shards again with make_shards")
-            self._cached = (shard, [image for _, image in images])
+            self._cached = (shard, read.images)
         return self._cached[1]
 
 

@@ -11,10 +11,10 @@ import tarfile
 from pathlib import Path
 
 from ddpm_dist.data import fs
-from ddpm_dist.data.shards import load_index
+from ddpm_dist.data.shards import read_index
 from ddpm_dist.reproduce.datasets import CIFAR10_SHA256, CIFAR10_URL
 from ddpm_dist.reproduce.plan import Plan
-from ddpm_dist.utils.download import download
+from ddpm_dist.utils.download import download, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def shards_complete(url: str, endpoint: str | None = None) -> bool:
     """index.json exists and make_shards finished it."""
     try:
-        load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=endpoint, retries=1, check=True), url)
+        read_index(url, endpoint=endpoint, retries=1)
         return True
     except fs.DataError:
         return False
@@ -80,13 +80,9 @@ def raw_input(plan: Plan) -> str | None:
 
 
 def _check_sha256(path: Path, expected: str) -> None:
-    import hashlib
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise ValueError(f"{path}: sha256 {digest.hexdigest()} is not the official archive's {expected}; "
+    found = file_sha256(path)
+    if found != expected:
+        raise ValueError(f"{path}: sha256 {found} is not the official archive's {expected}; "
                          f"download it again from {CIFAR10_URL}")
 
 

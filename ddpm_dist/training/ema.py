@@ -19,14 +19,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _locals(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [_local(t.detach()) for t in ts]
-
-
 def local_views(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """What this rank holds of each parameter, as views that stay valid while the parameters
     live (FSDP2 keeps its shards in place), for `EMA.update`."""
-    return _locals(params)
+    return [_local(t.detach()) for t in params]
 
 
 class EMA:
@@ -40,7 +36,7 @@ class EMA:
         self.shadow = [p.detach().to(torch.float32, copy=True) for p in params]
         self.names = list(names) if names is not None else [str(i) for i in range(len(self.shadow))]
         assert len(self.names) == len(self.shadow), "one name per parameter"
-        self._shadow_locals = _locals(self.shadow)  # views, made once: the step does no DTensor work
+        self._shadow_locals = local_views(self.shadow)  # views, made once: the step does no DTensor work
 
     @torch.no_grad()
     def update(self, local_params: Sequence[torch.Tensor], skip: torch.Tensor | None = None) -> None:
@@ -57,10 +53,10 @@ class EMA:
     @contextlib.contextmanager
     def swap_into(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
         """Put the EMA weights into the live (possibly sharded) params, restore them on exit."""
-        live = _locals(params)
+        live = local_views(params)
         with torch.no_grad():
             saved = [p.clone() for p in live]
-            torch._foreach_copy_(live, _locals(self.shadow))
+            torch._foreach_copy_(live, self._shadow_locals)
         try:
             yield
         finally:

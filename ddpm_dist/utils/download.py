@@ -11,6 +11,14 @@ from tqdm import tqdm
 from ddpm_dist.utils.files import atomic_path
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download(url: str, dest: str | Path, sha256: str, timeout_s: float = 60.0) -> Path:
     """Fetch `url` to a temporary file, check its sha256, then rename it to `dest`: no half or
     wrong file is ever left at `dest`. Network errors and a wrong hash raise OSError. A stalled

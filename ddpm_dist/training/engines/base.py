@@ -18,11 +18,10 @@ from typing import ContextManager
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from ddpm_dist.distributed import any_flag
-from ddpm_dist.training.ema import EMA
+from ddpm_dist.training.ema import EMA, local_views
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEEPSPEED_TAG = "deepspeed"  # the sub-folder DeepSpeed's own checkpoint format lives in
@@ -79,8 +78,7 @@ class Engine:
 
     def weights_finite(self) -> bool:
         """Collective: True on every rank when no rank holds a non-finite weight."""
-        parts = [t.to_local() if isinstance(t, DTensor) else t for t in self.local_params()]
-        local = bool(torch.stack([torch.isfinite(t).all() for t in parts]).all())
+        local = bool(torch.stack([torch.isfinite(t).all() for t in local_views(self.local_params())]).all())
         return not any_flag(not local)
 
     @contextlib.contextmanager
