@@ -25,7 +25,7 @@ from torch import nn
 
 from ddpm_dist.diffusion import Generator, GaussianDiffusion, randn
 from ddpm_dist.noise import SampleNoise, sample_seed
-from ddpm_dist.training.engines.base import compile_enabled, guard_cpu_compile, memory_format
+from ddpm_dist.runtime import compile_enabled, guard_cpu_compile, memory_format
 
 SAMPLERS = ("ddpm", "ddim")
 

@@ -277,7 +277,7 @@ def test_deepspeed_missing_is_one_clear_error(monkeypatch):
 
 def test_compile_on_cpu_low_precision_forces_avx2():
     import torch._inductor.config as inductor_config
-    from ddpm_dist.training.engines.base import guard_cpu_compile
+    from ddpm_dist.runtime import guard_cpu_compile
     old = inductor_config.cpp.simdlen
     try:
         guard_cpu_compile(torch.device("cpu"), "fp32")
@@ -333,7 +333,7 @@ def test_unet_training_and_sampling_trace_without_graph_breaks():
 
 
 def test_compile_auto_is_on_for_cuda_only():
-    from ddpm_dist.training.engines.base import compile_enabled
+    from ddpm_dist.runtime import compile_enabled
     assert compile_enabled("auto", torch.device("cuda", 0)) and not compile_enabled("auto", torch.device("cpu"))
     assert compile_enabled("true", torch.device("cpu")) and not compile_enabled("false", torch.device("cuda", 0))
 

@@ -84,6 +84,23 @@ def test_no_import_cycles_anywhere_in_the_package():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
+# The README's import order: a module imports only from its own tier or the tiers before it.
+TIERS = [{"data", "training", "metrics"}, {"modelio"}, {"evaluation", "train"}, {"launch"}, {"reproduce"},
+         {"cli"}]
+
+
+def tier_of(module: str) -> int:
+    """0 for the core (the top-level modules and utils/), else 1 + the index of its tier."""
+    part = module.split(".")[1] if "." in module else ""
+    return next((i + 1 for i, tier in enumerate(TIERS) if part in tier), 0)
+
+
+def test_imports_run_one_way_from_the_core_up_to_the_tools():
+    known = set(module_names())
+    upward = sorted(f"{m} -> {d}" for m in known for d in imports_of(m, known) if tier_of(d) > tier_of(m))
+    assert not upward, f"imports against the README's order: {upward}"
+
+
 def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     proc = subprocess.run([sys.executable, "-c", code, *module_names()], cwd=ROOT, capture_output=True,

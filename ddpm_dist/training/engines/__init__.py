@@ -7,8 +7,9 @@ from torch import nn
 
 from ddpm_dist.config import Config, ConfigError
 from ddpm_dist.distributed import DistInfo
-from .base import (DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format, compile_enabled,
-                   memory_format)
+from ddpm_dist.runtime import compile_enabled, memory_format
+
+from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format
 
 __all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_split", "checkpoint_format"]
 

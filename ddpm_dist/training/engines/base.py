@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ddpm_dist.distributed import any_flag
+from ddpm_dist.runtime import guard_cpu_compile, memory_format
 from ddpm_dist.training.ema import EMA, local_views
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEEPSPEED_TAG = "deepspeed"  # the sub-folder DeepSpeed's own checkpoint format lives in
 
 
@@ -143,27 +142,9 @@ class DynamicLossScaler:
         self.growth_tracker.copy_(state["growth_tracker"])
 
 
-def autocast_context(device: torch.device, precision: str) -> ContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
-
-
 def _checkpointed(forward, *args):
     # use_reentrant=False: works with FSDP2 hooks and inputs that do not require grad.
     return checkpoint(forward, *args, use_reentrant=False)
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """The layout of the weights, and so of the inputs: channels_last on CUDA (faster
-    convolutions on tensor cores); on a CPU the default layout, whose results channels_last
-    would change in the last bits."""
-    return torch.channels_last if device.type == "cuda" else torch.preserve_format
-
-
-def compile_enabled(setting: str, device: torch.device) -> bool:
-    """train.compile and the sampler's --compile: "auto" compiles on CUDA only."""
-    return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
 def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, compile: bool,
@@ -184,15 +165,3 @@ def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, com
                 block.compile(mode=compile_mode)
     if compile and whole_model:
         model.compile(mode=compile_mode)
-
-
-def guard_cpu_compile(device: torch.device, precision: str) -> None:
-    """Inductor's AVX-512/AMX CPU code gave NaN or ~1e38 bf16/fp16 gradients for this U-Net on
-    CPUs with those units (torch 2.x), while AVX2 code and eager mode were correct.
-    Force 256-bit (AVX2) vector code for low precision on CPU rather than train on garbage."""
-    if device.type != "cpu" or precision == "fp32":
-        return
-    import torch._inductor.config as inductor_config
-    inductor_config.cpp.simdlen = 256  # AVX2 if the CPU has it, else scalar code; both are safe
-    warnings.warn(f"torch.compile with {precision} on CPU: using AVX2 vector code instead of "
-                  "AVX-512/AMX, which produced NaN gradients here", stacklevel=3)

@@ -16,9 +16,11 @@ from torch import nn
 
 from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
+from ddpm_dist.runtime import autocast_context
 from ddpm_dist.training.ema import EMA, local_views
 from ddpm_dist.utils.files import atomic_path, fsync_file
-from .base import DEEPSPEED_TAG, Engine, StepResult, autocast_context
+
+from .base import DEEPSPEED_TAG, Engine, StepResult
 
 INSTALL_HINT = "engine=deepspeed needs `pip install ddpm-dist[deepspeed]`"
 

@@ -14,8 +14,10 @@ from torch.distributed.tensor import DTensor
 
 from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
+from ddpm_dist.runtime import DTYPES, autocast_context
 from ddpm_dist.training.ema import EMA, local_views
-from .base import DTYPES, DynamicLossScaler, Engine, StepResult, autocast_context
+
+from .base import DynamicLossScaler, Engine, StepResult
 from .dcp_files import SafeFileSystemReader, SafeLoadPlanner, durable_writer
 
 
