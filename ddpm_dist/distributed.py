@@ -13,9 +13,12 @@ import socket
 import subprocess
 import traceback
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,13 @@ class DistInfo:
     local_rank: int
     device: torch.device
     is_main: bool
+
+
+def rank_split(items: S, rank: int, world_size: int) -> S:
+    """The part of `items` (a list, range, tensor or array) that rank `rank` of `world_size` owns:
+    every W-th item from position `rank`. Strided rather than contiguous, so shares differ by at
+    most one item and stay even when items are skipped (finished samples, a tail)."""
+    return items[rank::world_size]
 
 
 @dataclass(frozen=True)

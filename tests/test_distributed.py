@@ -23,6 +23,14 @@ def test_parse_nodelist(nodelist, hosts):
     assert D.parse_nodelist(nodelist) == hosts
 
 
+@pytest.mark.parametrize("n, world_size", [(10, 3), (2, 4), (0, 2), (7, 1)])
+def test_rank_split_gives_every_item_to_exactly_one_rank_in_even_shares(n, world_size):
+    shares = [list(D.rank_split(range(n), r, world_size)) for r in range(world_size)]
+    assert sorted(i for share in shares for i in share) == list(range(n))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert D.rank_split(torch.arange(n), 1 % world_size, world_size).tolist() == shares[1 % world_size]
+
+
 def test_detect_torchrun_wins_over_slurm():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.5",
            "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import torch
 
 from ddpm_dist.data.batch import ImageBatch
+from ddpm_dist.distributed import rank_split
 from ddpm_dist.utils.seeds import Purpose, derive_seed
 
 
@@ -32,7 +33,7 @@ class MemoryStream:
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, Purpose.EPOCH_ORDER))
         perm = torch.randperm(len(self.images), generator=g)
-        return perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+        return rank_split(perm, self.rank, self.world_size)[: self.batches_per_epoch * self.batch_size]
 
     def _flips(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, Purpose.FLIPS))

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ddpm_dist.data import fs
 from ddpm_dist.data.batch import ImageBatch
 from ddpm_dist.data.shards import centre_crop_resize, read_images, read_index, sha256
+from ddpm_dist.distributed import rank_split
 from ddpm_dist.utils.seeds import numpy_rng
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class Plan:
     def shard_at(self, epoch: int, stream: int, position: int) -> int:
         """The shard a stream reads at a position: its own ones, then seeded resamples."""
         perm = self.rng(epoch).permutation(len(self.shards))
-        own = perm[stream::self.streams]
+        own = rank_split(perm, stream, self.streams)
         if position < len(own):
             return int(own[position])
         pool = own if len(own) else perm  # fewer shards than streams: draw from all

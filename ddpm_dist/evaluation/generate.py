@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ddpm_dist.distributed import DistInfo, barrier
+from ddpm_dist.distributed import DistInfo, barrier, rank_split
 from ddpm_dist.images import save_png, to_uint8
 from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.noise import NOISE, SampleNoise
@@ -258,11 +258,11 @@ def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: InceptionS
         prepare_output(job)
     barrier()  # the folder is this job's before anyone checks a PNG
     shape = tuple(sampler.image_shape[1:])
-    remove_broken_samples(job.out, range(info.rank, job.num_samples, info.world_size), shape)
+    remove_broken_samples(job.out, rank_split(range(job.num_samples), info.rank, info.world_size), shape)
     barrier()
     todo = missing_indices(job.out, job.num_samples)
     barrier()  # every rank listed the same finished set before anyone writes
-    mine = todo[info.rank::info.world_size]
+    mine = rank_split(todo, info.rank, info.world_size)
     bar, start = _progress(len(todo), info, f"sampling seed {job.seed}"), time.perf_counter()
     rows = min(job.batch_size, len(mine))
     for batch in _batches(mine, job.batch_size):
@@ -275,7 +275,7 @@ def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: InceptionS
     seconds = time.perf_counter() - start
     if score is not None:
         done = sorted(set(range(job.num_samples)) - set(todo))
-        _score_finished(score, job, done[info.rank::info.world_size])
+        _score_finished(score, job, rank_split(done, info.rank, info.world_size))
         score.all_reduce()
     barrier()
     npz = merge_npz(job.out, job.num_samples) if info.is_main else None

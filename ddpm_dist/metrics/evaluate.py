@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ddpm_dist.distributed import rank_split
+
 from .fid import frechet_distance
 from .image_sources import image_batches, open_images
 from .inception import FEATURE_DIM, NUM_LOGITS, WEIGHTS_FILE, load_inception
@@ -67,7 +69,7 @@ def inception_statistics(model, images, *, batch_size=50, num_workers=0, device=
     so every rank returns the statistics of the whole source.
     """
     stats = InceptionStatistics(model, len(images), device, splits)
-    indices = range(rank, len(images), world_size)
+    indices = rank_split(range(len(images)), rank, world_size)
     bar = tqdm(total=len(indices), unit="img", disable=not progress or rank != 0)
     for idx, batch in image_batches(images, indices, batch_size, num_workers):
         stats.update(batch, idx)
