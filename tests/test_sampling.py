@@ -225,12 +225,13 @@ def test_eval_nll_is_finite_and_the_same_on_two_ranks(model_file, tmp_path):
 
 
 def test_eval_nll_gives_a_grey_model_the_luma_of_the_test_images(tmp_path):
-    from ddpm_dist.cli.eval_nll import to_model_input
+    from ddpm_dist.data.batch import to_model_range
+    from ddpm_dist.evaluation.nll import nll_input
     from ddpm_dist.images import luma
     rgb = torch.randint(0, 256, (2, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    grey = to_model_input(rgb.float() / 255, 1, 8)
-    assert grey.shape == (2, 1, 8, 8) and torch.equal(grey, luma(rgb).float() / 255 * 2 - 1)
-    assert torch.equal(to_model_input(rgb.float() / 255, 3, 8), rgb.float() / 255 * 2 - 1)
+    grey = nll_input(rgb, 1, 8, "cpu")
+    assert grey.shape == (2, 1, 8, 8) and torch.equal(grey, to_model_range(luma(rgb)))
+    assert torch.equal(nll_input(rgb, 3, 8, "cpu"), to_model_range(rgb))  # as training sees its data
     model = _save_random_model(tmp_path / "grey.safetensors", channels=1)
     argv = ["--ckpt", model, "--data", "digits", "--num-images", 4, "--batch-size", 2, "--device", "cpu",
             "--out", tmp_path / "nll.json"]

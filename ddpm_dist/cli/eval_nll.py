@@ -2,9 +2,9 @@
 
     python tools/eval_nll.py --ckpt MODEL --data digits|FOLDER|NPZ [--num-images N] --world-size W
 
-Rank r takes images r, r+W, ...; image i's forward-process noise comes from the noise stream keyed
-by (seed, i) (`noise.SampleNoise`), so the number does not depend on W. Per-image bits/dim are summed in float64 and
-all-reduced; rank 0 prints the mean and writes --out JSON.
+Rank r takes images r, r+W, ... (`distributed.rank_split`) and sums their bits/dim in float64
+(`evaluation.nll`); the sums are all-reduced, so the number does not depend on W; rank 0 prints
+the mean and writes --out JSON.
 """
 from __future__ import annotations
 
@@ -13,17 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from ddpm_dist import distributed
-from ddpm_dist.distributed import all_reduce_sum
-from ddpm_dist.images import luma
+from ddpm_dist.distributed import all_reduce_sum, rank_split
+from ddpm_dist.evaluation.nll import bpd_means, bpd_sums, open_test_set
 from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
-from ddpm_dist.noise import SampleNoise
 from ddpm_dist.utils.files import atomic_write
 
 
@@ -40,57 +36,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def open_test_set(data: str, resolution: int):
-    """uint8 HWC images, indexable: the embedded digits, a folder or an ADM-style npz."""
-    if data == "digits":
-        from ddpm_dist.data.digits import load_digits_images
-        from ddpm_dist.metrics.image_sources import ArrayImages
-        return ArrayImages(load_digits_images(resolution).permute(0, 2, 3, 1).numpy(), name="digits")
-    from ddpm_dist.metrics.image_sources import open_images
-    return open_images(data)
-
-
-def to_model_input(images: torch.Tensor, channels: int, resolution: int) -> torch.Tensor:
-    """[0, 1] float [B, 3, H, W] → [-1, 1] at the model's shape (as training sees data: a
-    1-channel model gets the grey that the shard stream decodes, PIL's "L")."""
-    if images.shape[-1] != resolution or images.shape[-2] != resolution:
-        raise ValueError(f"test images are {tuple(images.shape[-2:])}, the model wants {resolution}²")
-    if channels not in (1, 3):
-        raise ValueError(f"the model has {channels} input channels; test images are grey (1) or RGB (3)")
-    if channels == 1:
-        images = luma((images * 255).round().to(torch.uint8)).float() / 255
-    return images * 2 - 1
-
-
-def bpd_sums(model, diffusion, images, indices, args, device, show: bool) -> torch.Tensor:
-    """float64 [count, Σ total, Σ prior, Σ L_0] of this rank's images."""
-    from ddpm_dist.metrics.image_sources import image_batches
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    bar = tqdm(total=len(indices), unit="img", desc="bits/dim (rank 0)", disable=not show)
-    for idx, batch in image_batches(images, indices, args.batch_size):
-        x = to_model_input(batch, model.in_channels, model.resolution)
-        noise = SampleNoise(args.seed, idx.tolist(), device)
-        out = diffusion.calc_bpd_loop(model, x.to(device), generator=noise)
-        sums += torch.stack([out["total_bpd"].new_tensor(float(len(idx))), out["total_bpd"].sum(),
-                             out["prior_bpd"].sum(), out["vb"][:, 0].sum()])
-        bar.update(len(idx))
-    bar.close()
-    return sums
-
-
 def run_rank(args) -> dict | None:
     model, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
     info = distributed.init_distributed(args.device)
     try:
         images = open_test_set(args.data, model.resolution)
         n = min(len(images), args.num_images or len(images))
-        sums = bpd_sums(model.to(info.device), diffusion, images,
-                        list(range(info.rank, n, info.world_size)), args, info.device, info.is_main)
+        mine = list(rank_split(range(n), info.rank, info.world_size))
+        sums = bpd_sums(model.to(info.device), diffusion, images, mine, seed=args.seed,
+                        batch_size=args.batch_size, device=info.device, show=info.is_main)
         all_reduce_sum([sums])  # float64 sums: the mean does not depend on W
-        count, total, prior, decoder = sums.cpu().tolist()
-        return {"bits_per_dim": total / count, "prior_bpd": prior / count, "decoder_bpd": decoder / count,
-                "num_images": int(count), "data": args.data, "seed": args.seed, "num_timesteps":
-                diffusion.num_timesteps, "weights_sha256": weights_sha256(model.state_dict()),
+        return {**bpd_means(sums), "data": args.data, "seed": args.seed, "num_timesteps": diffusion.num_timesteps,
+                "weights_sha256": weights_sha256(model.state_dict()),
                 "world_size": info.world_size} if info.is_main else None
     finally:
         distributed.teardown()

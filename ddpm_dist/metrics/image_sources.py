@@ -133,9 +133,15 @@ def _stack(images):
     return torch.stack(images)
 
 
-def image_batches(images, indices, batch_size: int, num_workers: int = 0):
-    """Yield (global indices [B], images [B, 3, H, W] float in [0, 1]), decoding in workers."""
+def uint8_batches(images, indices, batch_size: int, num_workers: int = 0):
+    """Yield (global indices [B], images [B, 3, H, W] uint8), decoding in workers."""
     loader = torch.utils.data.DataLoader(_Indexed(images, indices), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate)
     for idx, batch in loader:
-        yield idx, _stack(batch).float() / 255  # pytorch-fid's ToTensor: x / 255
+        yield idx, _stack(batch)
+
+
+def image_batches(images, indices, batch_size: int, num_workers: int = 0):
+    """Yield (global indices [B], images [B, 3, H, W] float in [0, 1]), decoding in workers."""
+    for idx, batch in uint8_batches(images, indices, batch_size, num_workers):
+        yield idx, batch.float() / 255  # pytorch-fid's ToTensor: x / 255
