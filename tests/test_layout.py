@@ -101,6 +101,24 @@ def test_imports_run_one_way_from_the_core_up_to_the_tools():
     assert not upward, f"imports against the README's order: {upward}"
 
 
+def strings_naming_the_tools(module: str) -> list[str]:
+    """String constants of `module` (docstrings aside) that name a module under ddpm_dist.cli:
+    an upward dependency (`python -m ddpm_dist.cli.X`) that no import shows."""
+    path = ROOT / Path(*module.split("."))
+    tree = ast.parse((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and "ddpm_dist.cli" in node.value and id(node) not in docstrings]
+
+
+def test_the_library_never_runs_its_own_command_line_tools():
+    library = [m for m in module_names() if not m.startswith("ddpm_dist.cli")]
+    found = {m: names for m in library if (names := strings_naming_the_tools(m))}
+    assert not found, f"library modules that run a tool (build its command in ddpm_dist/cli/ instead): {found}"
+
+
 def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     proc = subprocess.run([sys.executable, "-c", code, *module_names()], cwd=ROOT, capture_output=True,

@@ -14,11 +14,14 @@ the first stage on this machine, which downloads CIFAR-10 and pytorch-fid's Ince
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
 
 from ddpm_dist.config import ConfigError, load_config
+from ddpm_dist.launch.ranks import submit_command
+from ddpm_dist.launch.slurm import JobResources
 from ddpm_dist.reproduce.datasets import dataset_for
 from ddpm_dist.reproduce.plan import Plan, Resources
 
@@ -82,6 +85,31 @@ def build_plan(args) -> Plan:
                 nll_images=args.nll_images, resources=resources)
 
 
+def stage_command(plan: Plan, stage: str, argv: list[str]) -> tuple[str, list[str]]:
+    """The tool module and arguments a chain stage's job runs (every stage but train)."""
+    if stage in ("prepare", "report"):  # this command again, same arguments, one stage
+        return "ddpm_dist.cli.reproduce", [*argv, "--stage", stage]
+    if stage == "export":
+        return "ddpm_dist.cli.export", [str(plan.run), "--out", str(plan.model_file)]
+    if stage == "fid":
+        args = ["--ckpt", str(plan.model_file), "--num-samples", str(plan.num_samples), "--seeds", str(plan.seeds),
+                "--out", str(plan.fid_dir), "--ref-stats", str(plan.reference_stats),
+                "--inception-weights", str(plan.inception_weights), "--sampler", plan.sampler,
+                "--batch-size", "auto", "--world-size", str(plan.resources.eval_world_size)]
+        return "ddpm_dist.cli.fid_sample", args + (["--steps", str(plan.sample_steps)] if plan.sample_steps else [])
+    if stage == "nll":
+        args = ["--ckpt", str(plan.model_file), "--data", plan.test_data, "--out", str(plan.nll_file),
+                "--world-size", str(plan.resources.eval_world_size)]
+        return "ddpm_dist.cli.eval_nll", args + (["--num-images", str(plan.nll_images)] if plan.nll_images else [])
+    raise ValueError(f"no command for stage {stage!r}")
+
+
+def submit_stage(argv: list[str], plan: Plan, stage: str, res: JobResources, after: list[str]) -> str:
+    """A chain stage's job: its tool on `res`, after the jobs `after` (the chain's `SubmitStage`)."""
+    module, args = stage_command(plan, stage, argv)
+    return submit_command(module, args, plan.slurm_folder, res, after=after).job_id
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -97,7 +125,7 @@ def main(argv=None) -> int:
             print(f"wrote {plan.run / 'report.md'}")
         else:
             from ddpm_dist.reproduce.chain import run_chain
-            jobs = run_chain(plan, argv, prepare_here=args.prepare_here)
+            jobs = run_chain(plan, functools.partial(submit_stage, argv), prepare_here=args.prepare_here)
             print(f"report: {plan.run / 'report.md'}" + (" (queued)" if jobs else ""))
     except (ConfigError, ValueError, OSError, RuntimeError) as err:  # DataError is a RuntimeError
         print(f"reproduce: error: {err}", file=sys.stderr)

@@ -14,12 +14,16 @@ one. Exit status 1 if an evaluation failed twice.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
 from ddpm_dist.evaluation.track import Tracker, watch
 from ddpm_dist.launch.ranks import add_launch_arguments
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -54,6 +58,21 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     return args, sample
 
 
+def sample_and_score(model: Path, out: Path, *, num_samples: int, sample_args: list[str], timeout_s: float) -> None:
+    """tools/fid_sample.py on `model` into `out`, as a process of its own; one line if it fails."""
+    cmd = [sys.executable, "-m", "ddpm_dist.cli.fid_sample", "--ckpt", str(model), "--num-samples",
+           str(num_samples), "--out", str(out), *sample_args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"no result within {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
+    for line in proc.stdout.splitlines():
+        if line.startswith("submitted Slurm job"):
+            log.info("%s: %s", out.parent.name, line)
+
+
 def main(argv=None) -> int:
     args, sample = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -62,7 +81,9 @@ def main(argv=None) -> int:
         if not path.exists():
             print(f"track_fid.py: error: {what} {path} does not exist", file=sys.stderr)
             return 2
-    tracker = Tracker(run, args.num_samples, tuple(sample), args.eval_timeout_min * 60, args.keep_samples)
+    evaluate = functools.partial(sample_and_score, num_samples=args.num_samples, sample_args=sample,
+                                 timeout_s=args.eval_timeout_min * 60)
+    tracker = Tracker(run, args.num_samples, evaluate, args.keep_samples)
     failed = watch(tracker, poll_s=args.poll, once=args.once, max_idle_s=args.max_idle_min * 60)
     return 1 if failed else 0
 

@@ -1,7 +1,8 @@
 """FID during training, off its critical path: a watcher over a run's checkpoints.
 
-For each new `RUN/checkpoints/step_N`, it exports the EMA weights, samples and scores them with
-tools/fid_sample.py as a process of its own (on Slurm: a job of its own), and writes
+For each new `RUN/checkpoints/step_N`, it exports the EMA weights, has them sampled and scored
+(by the `SampleAndScore` the tool gives it: tools/track_fid.py runs tools/fid_sample.py as a
+process of its own, on Slurm a job of its own), and writes
 `eval/fid<K>` and `eval/is<K>` at step N into the run's TensorBoard (its own event file in
 RUN/tb) and into RUN/eval/track/fid<K>.jsonl. Training never waits for it. A failed evaluation
 leaves the run untouched: the watcher logs one line, tries that step once more, then moves on. Everything it writes is under RUN/eval/track/ and its event file.
@@ -11,9 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +23,16 @@ from ddpm_dist.training.checkpoint import checkpoint_config, complete_checkpoint
 log = logging.getLogger(__name__)
 ATTEMPTS = 2  # per checkpoint
 
+# (model file, samples folder): sample and score the model, leaving the folder's result.json
+# (fid, inception_score, weights_sha256); raise RuntimeError with one line if that fails.
+SampleAndScore = Callable[[Path, Path], None]
+
 
 @dataclass(frozen=True)
 class Tracker:
     run: Path
     num_samples: int
-    sample_args: tuple[str, ...]  # fid_sample flags besides --ckpt/--num-samples/--out
-    eval_timeout_s: float
+    sample_and_score: SampleAndScore
     keep_samples: bool = False
 
     @property
@@ -58,18 +61,10 @@ class Tracker:
         model = out / "model_ema.safetensors"
         if not model.is_file():
             export_checkpoint(checkpoint, model)
-        cmd = [sys.executable, "-m", "ddpm_dist.cli.fid_sample", "--ckpt", str(model), "--num-samples",
-               str(self.num_samples), "--out", str(out / "samples"), *self.sample_args]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.eval_timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"step {step}: no result within {self.eval_timeout_s:.0f} s") from None
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            raise RuntimeError(f"step {step}: {last}")
-        for line in proc.stdout.splitlines():
-            if line.startswith("submitted Slurm job"):
-                log.info("step %d: %s", step, line)
+            self.sample_and_score(model, out / "samples")
+        except RuntimeError as err:
+            raise RuntimeError(f"step {step}: {err}") from None
         result = json.loads((out / "samples" / "result.json").read_text())
         row = {"step": step, "fid": result.get("fid"), "inception_score": result.get("inception_score"),
                "num_samples": self.num_samples, "weights_sha256": result["weights_sha256"]}

@@ -1,7 +1,9 @@
 """The one place a Slurm job's resources are turned into a submitit executor: training jobs
-(`ddpm-submit`, launch/submit.py) and evaluation ranks (`--launcher slurm`) both come here."""
+(`ddpm-submit`, launch/submit.py) and evaluation ranks (`--launcher slurm`) both come here; and
+the one query of Slurm's queue (`queued_job`)."""
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,3 +53,13 @@ def make_executor(folder: str | Path, res: JobResources, *, local: bool = False,
         params["slurm_account"] = res.account
     executor.update_parameters(**params)
     return executor
+
+
+def queued_job(name: str) -> str | None:
+    """The id of a pending or running job of ours with this name (an earlier invocation's)."""
+    out = subprocess.run(["squeue", "-h", "--me", "-n", name, "-t", "PENDING,RUNNING,REQUEUED,CONFIGURING",
+                          "-o", "%i"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"squeue failed: {out.stderr.strip() or out.returncode}")
+    ids = out.stdout.split()
+    return ids[0] if ids else None

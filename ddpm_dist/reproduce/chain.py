@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ddpm_dist.launch.ranks import eval_resources, package_env, submit_command
-from ddpm_dist.launch.slurm import JobResources, make_executor
+from ddpm_dist.launch.ranks import eval_resources, package_env
+from ddpm_dist.launch.slurm import JobResources, make_executor, queued_job
 from ddpm_dist.reproduce.plan import Plan
 from ddpm_dist.reproduce.prepare import is_prepared
 from ddpm_dist.training.checkpoint import latest_checkpoint, step_of
@@ -30,7 +29,13 @@ class Stage:
     name: str
     needs: tuple[str, ...]
     done: Callable[[Plan], bool]
-    submit: Callable[[Plan, list[str], list[str]], str]  # (plan, after, argv) → job id
+    resources: Callable[[Plan, str], JobResources]  # (plan, stage name) → its job's resources
+
+
+# How a stage other than train is submitted: (plan, stage name, resources, job ids to wait for)
+# → job id. Each runs a command-line tool, whose arguments the tool's own module builds
+# (ddpm_dist/cli/reproduce.py).
+SubmitStage = Callable[[Plan, str, JobResources, list[str]], str]
 
 
 def trained_step(plan: Plan) -> int:
@@ -82,30 +87,11 @@ def _cpu_job(plan: Plan, stage: str) -> JobResources:
                         account=r.account, name=plan.job_name(stage))
 
 
-def _here(stage: str):
-    """A one-task job running this stage of `ddpm-reproduce` (same arguments)."""
-    def submit(plan: Plan, after: list[str], argv: list[str]) -> str:
-        job = submit_command("ddpm_dist.cli.reproduce", [*argv, "--stage", stage], plan.slurm_folder,
-                             _cpu_job(plan, stage), after=after)
-        return job.job_id
-    return submit
-
-
-def _submit_train(plan: Plan, after: list[str], argv: list[str]) -> str:
-    from ddpm_dist.launch.train_job import TrainJob
+def _train_job(plan: Plan, stage: str) -> JobResources:
     r = plan.resources
-    res = JobResources(nodes=r.nodes, tasks_per_node=r.tasks_per_node or max(1, r.gpus_per_node),
-                       gpus_per_node=r.gpus_per_node, cpus_per_task=r.cpus_per_task, timeout_min=r.train_time_min,
-                       partition=r.partition, account=r.account, name=plan.job_name("train"))
-    executor = make_executor(plan.slurm_folder, res, requeue=True, signal_delay_s=r.signal_delay_s,
-                             max_requeues=r.max_requeues, after=after)
-    return executor.submit(TrainJob(plan.config, list(plan.overrides))).job_id
-
-
-def _submit_export(plan: Plan, after: list[str], argv: list[str]) -> str:
-    job = submit_command("ddpm_dist.cli.export", [str(plan.run), "--out", str(plan.model_file)],
-                         plan.slurm_folder, _cpu_job(plan, "export"), after=after)
-    return job.job_id
+    return JobResources(nodes=r.nodes, tasks_per_node=r.tasks_per_node or max(1, r.gpus_per_node),
+                        gpus_per_node=r.gpus_per_node, cpus_per_task=r.cpus_per_task, timeout_min=r.train_time_min,
+                        partition=r.partition, account=r.account, name=plan.job_name(stage))
 
 
 def _ranks(plan: Plan, stage: str) -> JobResources:
@@ -115,49 +101,44 @@ def _ranks(plan: Plan, stage: str) -> JobResources:
     return dataclasses.replace(res, account=r.account)
 
 
-def _submit_fid(plan: Plan, after: list[str], argv: list[str]) -> str:
-    args = ["--ckpt", str(plan.model_file), "--num-samples", str(plan.num_samples), "--seeds", str(plan.seeds),
-            "--out", str(plan.fid_dir), "--ref-stats", str(plan.reference_stats),
-            "--inception-weights", str(plan.inception_weights), "--sampler", plan.sampler,
-            "--batch-size", "auto", "--world-size", str(plan.resources.eval_world_size)]
-    if plan.sample_steps:
-        args += ["--steps", str(plan.sample_steps)]
-    return submit_command("ddpm_dist.cli.fid_sample", args, plan.slurm_folder, _ranks(plan, "fid"),
-                          after=after).job_id
-
-
-def _submit_nll(plan: Plan, after: list[str], argv: list[str]) -> str:
-    args = ["--ckpt", str(plan.model_file), "--data", plan.test_data, "--out", str(plan.nll_file),
-            "--world-size", str(plan.resources.eval_world_size)]
-    if plan.nll_images:
-        args += ["--num-images", str(plan.nll_images)]
-    return submit_command("ddpm_dist.cli.eval_nll", args, plan.slurm_folder, _ranks(plan, "nll"),
-                          after=after).job_id
+def submit_train(plan: Plan, res: JobResources, after: list[str]) -> str:
+    """The training job: `TrainJob` in a requeueing executor (a preempted run continues)."""
+    from ddpm_dist.launch.train_job import TrainJob
+    r = plan.resources
+    executor = make_executor(plan.slurm_folder, res, requeue=True, signal_delay_s=r.signal_delay_s,
+                             max_requeues=r.max_requeues, after=after)
+    return executor.submit(TrainJob(plan.config, list(plan.overrides))).job_id
 
 
 STAGES = (
-    Stage("prepare", (), is_prepared, _here("prepare")),
-    Stage("train", ("prepare",), lambda p: trained_step(p) >= p.cfg.train.total_steps, _submit_train),
-    Stage("export", ("train",), export_done, _submit_export),
-    Stage("fid", ("export",), fid_done, _submit_fid),
-    Stage("nll", ("export",), nll_done, _submit_nll),
-    Stage("report", ("fid", "nll"), report_done, _here("report")),
+    Stage("prepare", (), is_prepared, _cpu_job),
+    Stage("train", ("prepare",), lambda p: trained_step(p) >= p.cfg.train.total_steps, _train_job),
+    Stage("export", ("train",), export_done, _cpu_job),
+    Stage("fid", ("export",), fid_done, _ranks),
+    Stage("nll", ("export",), nll_done, _ranks),
+    Stage("report", ("fid", "nll"), report_done, _cpu_job),
 )
 
 
-def queued_job(name: str) -> str | None:
-    """The id of a pending or running job of ours with this name (an earlier invocation's)."""
-    out = subprocess.run(["squeue", "-h", "--me", "-n", name, "-t", "PENDING,RUNNING,REQUEUED,CONFIGURING",
-                          "-o", "%i"], capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise RuntimeError(f"squeue failed: {out.stderr.strip() or out.returncode}")
-    ids = out.stdout.split()
-    return ids[0] if ids else None
+def _queue(stage: Stage, plan: Plan, submit: SubmitStage, after: list[str], print_) -> str:
+    """The id of the stage's job: one still queued from an earlier invocation, or a new one."""
+    job_id = queued_job(plan.job_name(stage.name))
+    if job_id:
+        print_(f"{stage.name}: already queued as job {job_id}")
+        return job_id
+    res = stage.resources(plan, stage.name)
+    if stage.name == "train":
+        job_id = submit_train(plan, res, after)
+    else:
+        job_id = submit(plan, stage.name, res, after)
+    print_(f"{stage.name}: submitted job {job_id}" + (f" (after {', '.join(after)})" if after else ""))
+    return job_id
 
 
-def run_chain(plan: Plan, argv: list[str], *, prepare_here: bool, print_=print) -> dict[str, str]:
-    """Submit every stage that is not done, each after the unfinished stages it needs. Returns
-    {stage: job id} of what is now queued (submitted here or found in the queue)."""
+def run_chain(plan: Plan, submit: SubmitStage, *, prepare_here: bool, print_=print) -> dict[str, str]:
+    """Submit every stage that is not done, each after the unfinished stages it needs: train
+    here, the others through `submit`. Returns {stage: job id} of what is now queued
+    (submitted here or found in the queue)."""
     # Jobs inherit this environment: our package importable where `python -m submitit...`
     # runs, and each rank's thread pool the size of its own CPUs.
     os.environ.update(package_env())
@@ -172,12 +153,6 @@ def run_chain(plan: Plan, argv: list[str], *, prepare_here: bool, print_=print) 
         if not pending and stage.done(plan):
             print_(f"{stage.name}: done")
             continue
-        job_id = queued_job(plan.job_name(stage.name))
-        if job_id:
-            print_(f"{stage.name}: already queued as job {job_id}")
-        else:
-            job_id = stage.submit(plan, pending, argv)
-            print_(f"{stage.name}: submitted job {job_id}" + (f" (after {', '.join(pending)})" if pending else ""))
-        jobs[stage.name] = job_id
+        jobs[stage.name] = _queue(stage, plan, submit, pending, print_)
     sys.stdout.flush()
     return jobs
