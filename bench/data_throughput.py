@@ -32,8 +32,8 @@ from ddpm_dist.config import Config
 from ddpm_dist.data import build_stream, fs
 from ddpm_dist.data.convert import make_shards
 from ddpm_dist.data.digits import load_digits_images
-from ddpm_dist.data.shards import read_images
-from ddpm_dist.data.stream import decode, put_image
+from ddpm_dist.data.shards import decode, read_images
+from ddpm_dist.data.stream import put_image
 
 CASES = {"32² PNG": (32, "png", 2000), "256² JPEG": (256, "jpg", 600)}
 

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from data_helpers import webdataset_samples
-from ddpm_dist.data.shards import read_images, safe_member_name, tar_bytes
+from ddpm_dist.data.convert import tar_bytes
+from ddpm_dist.data.shards import read_images, safe_member_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

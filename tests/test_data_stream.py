@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from ddpm_dist.data.fs import DataConfigError, DataError
-from ddpm_dist.data.shards import sha256, tar_bytes
+from ddpm_dist.data.convert import tar_bytes
+from ddpm_dist.data.shards import sha256
 from data_helpers import NoiseSource, keys, model_inputs, stream_for, write_noise_shards
 
 

@@ -16,7 +16,8 @@ from PIL import Image
 from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.data import webdataset_urls
 from ddpm_dist.data.fs import DataConfigError, DataError, DataReadError
-from ddpm_dist.data.shards import read_images, sha256, tar_bytes
+from ddpm_dist.data.convert import tar_bytes
+from ddpm_dist.data.shards import read_images, sha256
 from data_helpers import keys, model_inputs, stream_for, write_noise_shards
 
 

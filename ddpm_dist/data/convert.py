@@ -1,35 +1,84 @@
-"""Converting a source into shards + index.json (the library behind tools/make_shards.py).
+"""Converting a source into shards + index.json (the library behind tools/make_shards.py): all
+shard writing is here, as all reading is in data/shards.py (which also describes the format).
 
 Samples are shuffled once with a seed, encoded in worker processes (at most READ_AHEAD chunks
 per worker in flight, so memory stays bounded; a worker that dies stops the run with a
 DataError), packed into shards in order, and each shard is written whole (fsynced temp file +
-rename, mode 0644, or one S3 PUT). index.json is
+rename, mode 0644, or one S3 PUT); tars are written deterministically (fixed mtime/owner), so
+the same input gives the same bytes. index.json is
 rewritten after every shard with `complete: false`, and with `complete: true` at the end, so
 an interrupted run can be resumed: a rerun with the same parameters keeps the shards that
 exist with the recorded checksum and re-encodes only from the first missing or bad one.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import multiprocessing as mp
 import os
+import tarfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from ddpm_dist.data import fs
+from ddpm_dist.data.shards import centre_crop_resize, sha256
 from ddpm_dist.data.sources import open_source
-from ddpm_dist.data.shards import encode, pack, sha256, shard_members, tar_bytes
 
 log = logging.getLogger(__name__)
 _JOB: dict = {}  # the source and encoding options, inherited by forked workers
 CHUNK = 32       # samples per task sent to a worker
 READ_AHEAD = 4   # tasks in flight per worker
+
+
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def encode(img: Image.Image, *, resolution: int | None, fmt: str, quality: int) -> bytes:
+    img = img.convert("RGB")
+    if resolution:
+        img = centre_crop_resize(img, resolution)
+    buf = io.BytesIO()
+    options = {"quality": quality} if fmt in ("jpg", "webp") else {}
+    img.save(buf, format=PIL_FORMATS[fmt], **options)
+    return buf.getvalue()
+
+
+def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A tar with fixed metadata: identical members give identical bytes (stable checksums)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def pack(samples: Iterable[tuple[str, str, bytes]], *, max_samples: int,
+         max_bytes: int) -> Iterator[list[tuple[str, str, bytes]]]:
+    """Group (key, id, image bytes) into shards of at most max_samples / about max_bytes."""
+    group, size = [], 0
+    for sample in samples:
+        if group and (len(group) >= max_samples or size + len(sample[2]) > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(sample)
+        size += len(sample[2]) + 1536  # two tar headers and padding
+    if group:
+        yield group
+
+
+def shard_members(group: list[tuple[str, str, bytes]], fmt: str) -> Iterator[tuple[str, bytes]]:
+    for key, sid, data in group:
+        yield f"{key}.{fmt}", data
+        yield f"{key}.id", sid.encode()
 
 
 def _encode_one(item: tuple[int, str]) -> tuple[str, str, bytes]:

@@ -1,4 +1,4 @@
-"""WebDataset tar shards: encoding images, packing and writing shards, reading them back safely.
+"""WebDataset tar shards and reading them back safely (data/convert.py writes them).
 
 A shard is a plain tar of `{key}.{png|jpg|webp}` (+ `{key}.id`, the source's id) members, the
 WebDataset convention, so any WebDataset reader can consume it. The id is text (a path for
@@ -7,7 +7,11 @@ webdataset, decode only the image (`.decode("rgb8", only=["png"])`). `index.json
 shards lists every shard's name, sample count, size and sha256, the resolution and the
 parameters that made them; readers trust it for counts, and make_shards trusts it to skip
 verified shards.
-Tars are written deterministically (fixed mtime/owner), so the same input gives the same bytes.
+
+Everything that reads shards comes here: `read_index` (index.json, checked), `read_shard_at`
+(a shard's image bytes, checked against index.json's sha256; damaged tars salvaged by
+`read_images`) and `decode` (bytes → uint8 pixels as the model sees them). The training stream
+(data/stream.py) and the reference statistics (metrics/image_sources.py) both use them.
 """
 from __future__ import annotations
 
@@ -17,14 +21,18 @@ import json
 import logging
 import posixpath
 import tarfile
-from collections.abc import Iterable, Iterator
+import threading
+from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
+
+from ddpm_dist.data import fs
+from ddpm_dist.data.fs import DataConfigError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
 def centre_crop_resize(img: Image.Image, resolution: int) -> Image.Image:
@@ -36,47 +44,6 @@ def centre_crop_resize(img: Image.Image, resolution: int) -> Image.Image:
     if side != resolution:
         img = img.resize((resolution, resolution), Image.BICUBIC, reducing_gap=None)
     return img
-
-
-def encode(img: Image.Image, *, resolution: int | None, fmt: str, quality: int) -> bytes:
-    img = img.convert("RGB")
-    if resolution:
-        img = centre_crop_resize(img, resolution)
-    buf = io.BytesIO()
-    options = {"quality": quality} if fmt in ("jpg", "webp") else {}
-    img.save(buf, format=PIL_FORMATS[fmt], **options)
-    return buf.getvalue()
-
-
-def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-    """A tar with fixed metadata: identical members give identical bytes (stable checksums)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def pack(samples: Iterable[tuple[str, str, bytes]], *, max_samples: int,
-         max_bytes: int) -> Iterator[list[tuple[str, str, bytes]]]:
-    """Group (key, id, image bytes) into shards of at most max_samples / about max_bytes."""
-    group, size = [], 0
-    for sample in samples:
-        if group and (len(group) >= max_samples or size + len(sample[2]) > max_bytes):
-            yield group
-            group, size = [], 0
-        group.append(sample)
-        size += len(sample[2]) + 1536  # two tar headers and padding
-    if group:
-        yield group
-
-
-def shard_members(group: list[tuple[str, str, bytes]], fmt: str) -> Iterator[tuple[str, bytes]]:
-    for key, sid, data in group:
-        yield f"{key}.{fmt}", data
-        yield f"{key}.id", sid.encode()
 
 
 def sha256(data: bytes) -> str:
@@ -115,10 +82,43 @@ def read_images(data: bytes, shard: str) -> tuple[list[tuple[str, bytes]], int]:
     return images, rejected
 
 
+PIL_MODES = {1: "L", 3: "RGB"}  # model channels → the PIL mode images are decoded to
+
+
+def decode(data: bytes, resolution: int, channels: int = 3) -> np.ndarray:
+    """Image bytes → uint8 [R, R, channels]; other sizes are centre-cropped and resized.
+    channels=1 converts to grey with PIL's "L" (ITU-R 601-2 luma)."""
+    mode = PIL_MODES[channels]
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode != mode:
+            img = img.convert(mode)
+        if img.size != (resolution, resolution):
+            img = centre_crop_resize(img, resolution)
+        return np.array(img).reshape(resolution, resolution, channels)
+
+
+@dataclass
+class ShardRead:
+    """One read of a shard: its image bytes, and how many index.json samples are not among them."""
+    url: str
+    images: list[bytes]
+    missing: int
+    problem: str = ""  # why the whole shard is unused, e.g. a checksum mismatch
+
+
+def read_shard_at(url: str, count: int, checksum: str, *, endpoint: str | None = None, retries: int = 5,
+                  wait: float = 1.0, cancel: threading.Event | None = None) -> ShardRead:
+    """A shard's image bytes; one whose bytes differ from index.json (truncated, rewritten,
+    damaged) is not used at all: its index.json samples are all missing."""
+    data = fs.read_bytes(url, endpoint=endpoint, retries=retries, wait=wait, cancel=cancel)
+    if sha256(data) != checksum:
+        return ShardRead(url, [], count, f"checksum differs from index.json ({len(data)} bytes read)")
+    images, rejected = read_images(data, url)
+    return ShardRead(url, [b for _, b in images], max(count - len(images), rejected))
+
+
 def load_index(data: bytes, url: str) -> dict:
     """index.json checked before anything is read: complete, with shards named inside `url`."""
-    from ddpm_dist.data.fs import DataConfigError
-
     try:
         index = json.loads(data)
     except ValueError:
@@ -138,5 +138,4 @@ def load_index(data: bytes, url: str) -> dict:
 def read_index(url: str, *, endpoint: str | None = None, retries: int = 5) -> dict:
     """The index.json of the shards at `url`, read (an error no retry can fix ends at once: a
     missing file, a wrong bucket, denied access) and checked by `load_index`."""
-    from ddpm_dist.data import fs
     return load_index(fs.read_bytes(fs.join(url, "index.json"), endpoint=endpoint, retries=retries, check=True), url)

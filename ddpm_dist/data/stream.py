@@ -30,7 +30,6 @@ shards), so a position is just two integers per stream:
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import multiprocessing
 import os
@@ -42,12 +41,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ddpm_dist.data import fs
 from ddpm_dist.data.batch import ImageBatch
-from ddpm_dist.data.shards import centre_crop_resize, read_images, read_index, sha256
+from ddpm_dist.data.shards import PIL_MODES, ShardRead, decode, read_index, read_shard_at
 from ddpm_dist.distributed import rank_split
 from ddpm_dist.utils.seeds import numpy_rng
 
@@ -96,46 +94,11 @@ class Plan:
         return int(pool[self.rng(epoch, stream, position).integers(len(pool))])
 
 
-PIL_MODES = {1: "L", 3: "RGB"}  # model channels → the PIL mode images are decoded to
-
-
-def decode(data: bytes, resolution: int, channels: int = 3) -> np.ndarray:
-    """Image bytes → uint8 [R, R, channels]; other sizes are centre-cropped and resized.
-    channels=1 converts to grey with PIL's "L" (ITU-R 601-2 luma)."""
-    mode = PIL_MODES[channels]
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode != mode:
-            img = img.convert(mode)
-        if img.size != (resolution, resolution):
-            img = centre_crop_resize(img, resolution)
-        return np.array(img).reshape(resolution, resolution, channels)
-
-
-@dataclass
-class ShardRead:
-    """One read of a shard: its image bytes, and how many index.json samples are not among them."""
-    url: str
-    images: list[bytes]
-    missing: int
-    problem: str = ""  # why the whole shard is unused, e.g. a checksum mismatch
-
-
 def read_shard(plan: Plan, index: int, cancel: threading.Event | None = None) -> ShardRead:
     """Shard `index` of the plan, read with its retries (`read_shard_at`)."""
     name, count, checksum = plan.shards[index]
     return read_shard_at(fs.join(plan.base, name), count, checksum, endpoint=plan.endpoint,
                          retries=plan.retries, wait=plan.retry_wait, cancel=cancel)
-
-
-def read_shard_at(url: str, count: int, checksum: str, *, endpoint: str | None = None, retries: int = 5,
-                  wait: float = 1.0, cancel: threading.Event | None = None) -> ShardRead:
-    """A shard's image bytes; one whose bytes differ from index.json (truncated, rewritten,
-    damaged) is not used at all: its index.json samples are all missing."""
-    data = fs.read_bytes(url, endpoint=endpoint, retries=retries, wait=wait, cancel=cancel)
-    if sha256(data) != checksum:
-        return ShardRead(url, [], count, f"checksum differs from index.json ({len(data)} bytes read)")
-    images, rejected = read_images(data, url)
-    return ShardRead(url, [b for _, b in images], max(count - len(images), rejected))
 
 
 @dataclass

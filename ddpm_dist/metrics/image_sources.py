@@ -66,13 +66,13 @@ class ShardImages:
         return int(self.starts[-1])
 
     def __getitem__(self, i) -> np.ndarray:
-        from ddpm_dist.data.stream import decode
+        from ddpm_dist.data.shards import decode
         shard = int(np.searchsorted(self.starts, i, side="right")) - 1
         return decode(self._images(shard)[i - self.starts[shard]], self.resolution)
 
     def _images(self, shard: int) -> list[bytes]:
         from ddpm_dist.data import fs
-        from ddpm_dist.data.stream import read_shard_at
+        from ddpm_dist.data.shards import read_shard_at
         if self._cached[0] != shard:
             name, count, checksum = self.shards[shard]
             read = read_shard_at(fs.join(self.url, name), count, checksum, endpoint=self.endpoint)
