@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ddpm_dist.engine_registry import ENGINES
 from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.utils.urls import credentials_error
 
@@ -135,7 +136,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.compile": ("auto", "true", "false"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "engine": ("single", "ddp", "fsdp", "deepspeed"),
+    "engine": tuple(ENGINES),
     "device": ("auto", "cpu", "cuda"),
 }
 

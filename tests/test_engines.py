@@ -338,6 +338,16 @@ def test_compile_auto_is_on_for_cuda_only():
     assert compile_enabled("true", torch.device("cpu")) and not compile_enabled("false", torch.device("cuda", 0))
 
 
+def test_every_registered_engine_has_a_class_writing_the_format_the_registry_names():
+    # The registry is what config validation, resume and model loading read: it must match the classes.
+    from ddpm_dist.config import CHOICES
+    from ddpm_dist.engine_registry import ENGINES
+    from ddpm_dist.training.engines import engine_class
+    assert CHOICES["engine"] == tuple(ENGINES)
+    for name, spec in ENGINES.items():
+        assert engine_class(name).checkpoint_format == spec.checkpoint_format, name
+
+
 def test_deepspeed_runs_torchs_fused_adam_on_cuda_and_foreach_on_cpu():
     from ddpm_dist.training.engines.deepspeed_engine import ds_config
     cfg = make_cfg("deepspeed")

@@ -13,6 +13,7 @@ import torch
 
 from ddpm_dist.config import Config, ConfigError, load_config
 from ddpm_dist.diffusion import GaussianDiffusion
+from ddpm_dist.engine_registry import CHECKPOINT_FORMATS, ENGINES, engines_writing
 from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.modelio.model_file import load_model_file, save_model_file
 from ddpm_dist.unet import UNet
@@ -32,31 +33,21 @@ def _run_config(ckpt_dir: Path, config_path: str | None) -> Config:
     raise ModelSourceError(f"{ckpt_dir}: no config.yaml in the run folder; pass --config CFG")
 
 
-def _checkpoint_folder(path: Path) -> Path:
-    """step_XXXXXXXX itself, or the newest complete one under a run or checkpoints folder."""
-    from ddpm_dist.training.checkpoint import CheckpointError, resumable_checkpoint
-    if (path / ".metadata").is_file():
-        return path
-    for folder in (path / "checkpoints", path):
-        try:
-            found = resumable_checkpoint(folder)
-        except CheckpointError as e:
-            raise ModelSourceError(str(e)) from None
-        if found is not None:
-            return found
-    raise ModelSourceError(f"{path}: no complete checkpoint (step_XXXXXXXX/ with .metadata) here")
-
-
 def load_checkpoint_ema(path: Path, config_path: str | None) -> tuple[UNet, GaussianDiffusion, Config]:
     """EMA weights of a DCP training checkpoint, via a single-process `single` engine."""
-    from ddpm_dist.training.checkpoint import CheckpointError, load_checkpoint
+    from ddpm_dist.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
     from ddpm_dist.distributed import DistInfo
     from ddpm_dist.training.engines import build_engine
-    folder = _checkpoint_folder(path)
+    try:
+        folder = find_checkpoint(path)
+    except CheckpointError as e:
+        raise ModelSourceError(str(e)) from None
     cfg = _run_config(folder, config_path)
-    if cfg.engine == "deepspeed":
-        raise ModelSourceError(f"{folder} was written by engine=deepspeed, whose format only DeepSpeed "
-                               f"reads back, on the same world size; evaluate or export single/ddp/fsdp runs")
+    written_in = ENGINES[cfg.engine].checkpoint_format
+    if not CHECKPOINT_FORMATS[written_in].reshards:
+        raise ModelSourceError(f"{folder} was written by engine={cfg.engine}, whose format only "
+                               f"{CHECKPOINT_FORMATS[written_in].label} reads back, on the same world size; "
+                               f"evaluate or export {'/'.join(engines_writing('dcp'))} runs")
     # Plain fp32 module: no compile, no activation checkpointing, whatever training used.
     cfg = dataclasses.replace(cfg, engine="single", train=dataclasses.replace(
         cfg.train, compile="false", activation_checkpointing=False))

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ddpm_dist.config import Config, ConfigError, config_to_dict, load_config, save_config
 from ddpm_dist.distributed import any_flag, barrier
+from ddpm_dist.engine_registry import CHECKPOINT_FORMATS, engines_writing
 from ddpm_dist.training.engines import Engine, checkpoint_format
 from ddpm_dist.training.engines.dcp_files import UnsafeCheckpointError
 from ddpm_dist.utils.files import atomic_write, fsync_dir
@@ -34,6 +35,7 @@ from ddpm_dist.utils.logs import log
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"  # DCP's index, in every single/ddp/fsdp checkpoint folder
 
 
 class CheckpointError(RuntimeError):
@@ -197,6 +199,18 @@ def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return None
 
 
+def find_checkpoint(path: Path) -> Path:
+    """A DCP checkpoint folder itself, or the newest complete one under a run or checkpoints
+    folder; CheckpointError when there is none."""
+    if (path / DCP_METADATA).is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = resumable_checkpoint(folder)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path}: no complete checkpoint (step_XXXXXXXX/ with {DCP_METADATA}) here")
+
+
 def checkpoint_config(path: str | Path) -> Config:
     """The config a checkpoint was written with."""
     try:
@@ -208,7 +222,7 @@ def checkpoint_config(path: str | Path) -> Config:
 def _load_engine(path: Path, engine: Engine) -> None:
     written_by = checkpoint_format(path)
     if written_by != engine.checkpoint_format:
-        engines = "engine=deepspeed" if written_by == "deepspeed" else "engine=single, ddp or fsdp"
+        engines = "engine=" + " or ".join(", ".join(engines_writing(written_by)).rsplit(", ", 1))
         raise CheckpointError(f"{path} was written in {written_by} format; resume it with {engines}")
     try:
         engine.load(path)
@@ -222,7 +236,7 @@ def _load_error(path: Path, written_by: str, e: BaseException) -> str:
     if isinstance(_root_cause(e), UnsafeCheckpointError):
         return str(_root_cause(e))
     if isinstance(e, FileNotFoundError):  # a file the format needs is missing
-        name = {"dcp": "DCP", "deepspeed": "DeepSpeed"}[written_by]
+        name = CHECKPOINT_FORMATS[written_by].label
         return f"{path} is not a complete {name} checkpoint ({e}); pick another from {path.parent}"
     return (f"{path} does not fit this model/optimizer ({_first_line(e)}); was it "
             f"written with another config? Compare with {path / 'config.yaml'}")

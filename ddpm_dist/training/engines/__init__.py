@@ -7,11 +7,13 @@ from torch import nn
 
 from ddpm_dist.config import Config, ConfigError
 from ddpm_dist.distributed import DistInfo
+from ddpm_dist.engine_registry import ENGINES
 from ddpm_dist.runtime import compile_enabled, memory_format
 
 from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format
 
-__all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_split", "checkpoint_format"]
+__all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "engine_class", "batch_split",
+           "checkpoint_format"]
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -27,11 +29,12 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
 
 def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info: DistInfo) -> Engine:
     """Move `model` (a UNet, fp32, same initial weights on every rank) to the device and wrap it."""
-    if cfg.engine != "single" and not dist.is_initialized():
+    spec = ENGINES[cfg.engine]
+    if spec.needs_group and not dist.is_initialized():
         raise RuntimeError(f"engine={cfg.engine} needs a process group: launch with torchrun or srun, "
                            f"or call init_distributed(always_group=True)")
-    if cfg.engine == "single" and dist_info.world_size > 1:
-        raise RuntimeError(f"engine=single runs one process, but world_size={dist_info.world_size}; "
+    if not spec.needs_group and dist_info.world_size > 1:
+        raise RuntimeError(f"engine={cfg.engine} runs one process, but world_size={dist_info.world_size}; "
                            f"use engine=ddp or engine=fsdp")
     device = torch.device(device)
     model.to(device, memory_format=memory_format(device))
@@ -39,11 +42,18 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info:
     # FSDP2 and DeepSpeed hook every block, so each block is compiled between the hooks.
     apply_block_options(model, activation_checkpointing=cfg.train.activation_checkpointing,
                         compile=compile_enabled(cfg.train.compile, device), device=device,
-                        precision=cfg.train.precision, whole_model=cfg.engine in ("single", "ddp"),
+                        precision=cfg.train.precision, whole_model=not spec.wraps_blocks,
                         compile_mode=cfg.train.compile_mode)
-    if cfg.engine == "deepspeed":
+    if cfg.engine == "deepspeed":  # DeepSpeed takes the batch split into its own config
+        return engine_class(cfg.engine)(cfg, model, device, dist_info, *batch_split(cfg, dist_info.world_size))
+    return engine_class(cfg.engine)(cfg, model, device, dist_info)
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The class of the engine registered as `name` (`engine_registry.ENGINES`); imported
+    here, as DeepSpeed is an optional dependency."""
+    if name == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
-        return DeepSpeedEngine(cfg, model, device, dist_info, *batch_split(cfg, dist_info.world_size))
+        return DeepSpeedEngine
     from .torch_engines import DDPEngine, FSDPEngine, TorchEngine
-    cls = {"single": TorchEngine, "ddp": DDPEngine, "fsdp": FSDPEngine}[cfg.engine]
-    return cls(cfg, model, device, dist_info)
+    return {"single": TorchEngine, "ddp": DDPEngine, "fsdp": FSDPEngine}[name]
