@@ -37,6 +37,12 @@ def rank_split(items: S, rank: int, world_size: int) -> S:
     return items[rank::world_size]
 
 
+def rank_block(n: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s contiguous block of range(n), for work whose neighbours belong together
+    (rows of one file, images of one shard): blocks are in rank order and differ by at most one."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
 @dataclass(frozen=True)
 class LaunchEnv:
     """Who started us and where the rendezvous is; `source` is torchrun, slurm or single."""

@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=batch_size, default=64,
-                   help="samples per model call per rank, or auto: on a GPU the largest power of two ≤ 1024 "
+    p.add_argument("--batch-size", type=batch_size, default="auto",
+                   help="samples per model call per rank, or auto (the default): on a GPU the largest power of two ≤ 1024 "
                         "whose step fits in 80%% of free memory, on a CPU 64")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 network: on a GPU a bf16 copy of the weights, on a CPU bf16 autocast; x_t stays float32")

@@ -3,11 +3,13 @@
 Sample i comes from the noise stream keyed by (seed, i) (`noise.SampleNoise`), so the
 images do not depend on the world size, the batch size or which samples a rerun skips. Each
 is written atomically as `DIR/{i - i % 1000:06d}/{i:06d}.png`; a rerun keeps the finished
-ones and splits only the missing indices over the ranks (strided, so work stays even). A PNG
-that does not decode to the sample shape is deleted and sampled again. `DIR/manifest.json`
-(weights hash, sampler, steps, eta, bf16, seed) is written before the first PNG: a rerun with
-other settings is refused instead of mixing two models' samples. At the end rank 0 streams an
-ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order) to disk.
+ones and splits only the missing indices over the ranks (strided, so work stays even). Each
+rank checks only its own share of the PNGs and the ranks sum their findings, so a rank makes
+N/W file checks, not N. A PNG that does not decode to the sample shape is deleted and sampled
+again. `DIR/manifest.json` (weights hash, sampler, steps, eta, bf16, seed) is written before the
+first PNG: a rerun with other settings is refused instead of mixing two models' samples. At the
+end all ranks write the ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order)
+together, each its own block of rows (`npz_merge`).
 Optionally each rank streams Inception statistics of its samples (`InceptionStatistics`); the
 float64 sums are all-reduced (nothing is gathered) and rank 0 writes FID / IS to the result JSON.
 """
@@ -15,25 +17,27 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from ddpm_dist.distributed import DistInfo, barrier, rank_split
+from ddpm_dist.distributed import DistInfo, all_reduce_sum, barrier, rank_block, rank_split
+from ddpm_dist.evaluation import npz_merge
 from ddpm_dist.images import save_png, to_uint8
 from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.noise import NOISE, SampleNoise
 from ddpm_dist.samplers import Sampler
-from ddpm_dist.utils.files import atomic_path, atomic_write, is_temp_file
+from ddpm_dist.utils.files import atomic_write, fsync_dir, is_temp_file
 
 MANIFEST = "manifest.json"
 
@@ -125,19 +129,41 @@ def is_sample(path: Path, shape: tuple[int, int]) -> bool:
         return False
 
 
-def remove_broken_samples(out: str | Path, indices, shape: tuple[int, int]) -> None:
-    """Delete the PNGs among `indices` that exist but are not a sample of `shape`."""
+def own_missing(out: str | Path, indices, shape: tuple[int, int]) -> list[int]:
+    """Those of `indices` (one rank's share) without a finished sample of (height, width) `shape`;
+    a PNG that exists but is not one is deleted."""
+    missing = []
     for i in indices:
         path = sample_path(out, i)
-        if path.is_file() and not is_sample(path, shape):
-            path.unlink()
+        if path.is_file() and is_sample(path, shape):
+            continue
+        path.unlink(missing_ok=True)
+        missing.append(i)
+    return missing
+
+
+def missing_everywhere(out: str | Path, n: int, shape: tuple[int, int], info: DistInfo) -> list[int]:
+    """Collective: every index below `n` without a finished sample, the same list on every rank.
+    Each rank checks its own share and the ranks sum one flag per index: N/W checks per rank."""
+    flags = torch.zeros(n, dtype=torch.uint8, device=info.device)
+    flags[own_missing(out, rank_split(range(n), info.rank, info.world_size), shape)] = 1
+    all_reduce_sum([flags])
+    return flags.nonzero().flatten().tolist()
+
+
+def parts_path(npz: Path) -> Path:
+    """The npz while the ranks fill it: one name for all of them, unlike `atomic_path`'s."""
+    return npz.with_name(f".{npz.name}.parts")
 
 
 def remove_partial_files(out: str | Path) -> None:
-    """Temp files of a killed run (`.000123.png.tmp<pid>`); no writer is running now."""
+    """Temp files of a killed run (`.000123.png.tmp<pid>`, an unfinished npz); no writer is
+    running now."""
     for tmp in Path(out).glob("*/.*.png.tmp*"):
         if is_temp_file(tmp):
             tmp.unlink(missing_ok=True)
+    for parts in Path(out).glob(".samples_*.npz.parts"):
+        parts.unlink(missing_ok=True)
 
 
 def load_png(path: Path) -> torch.Tensor:
@@ -210,21 +236,52 @@ def write_samples(out: str | Path, indices: list[int], images: torch.Tensor) -> 
         save_png(image, sample_path(out, i))  # its atomic write creates the thousands folder
 
 
-def merge_npz(out: str | Path, n: int) -> Path:
-    """All N samples in index order as `arr_0` uint8 NHWC, the file np.savez writes; streamed
-    one sample at a time into the zip member (memory: one image), to a temp name then renamed."""
+def _npz_row(out: str | Path, i: int, h: int, w: int) -> bytes:
+    image = load_png(sample_path(out, i))
+    if image.shape != (3, h, w):
+        raise ValueError(f"{sample_path(out, i)}: {tuple(image.shape)}, expected {(3, h, w)}")
+    return image.permute(1, 2, 0).contiguous().numpy().tobytes()
+
+
+def _all_gather_ints(values: list[int], device) -> list[list[int]]:
+    """Every rank's `values` (int64), in rank order; [values] outside a process group."""
+    if not dist.is_initialized():
+        return [values]
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
+def merge_npz(out: str | Path, n: int, info: DistInfo | None = None) -> Path | None:
+    """Collective when `info` is given: all N samples in index order as `arr_0` uint8 NHWC, the
+    file np.savez writes. Each rank reads its contiguous block of N/W PNGs and writes it in place
+    (memory: one image), into a file that is renamed to the npz once every rank has written;
+    rank 0 returns its path. If any rank fails, no npz is left and every rank raises."""
+    rank, world, device = (info.rank, info.world_size, info.device) if info else (0, 1, "cpu")
+    barrier()  # every PNG is written
     _, h, w = load_png(sample_path(out, 0)).shape
+    layout = npz_merge.NpzLayout(n, h, w)
     path = npz_path(out, n, h, w)
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (n, h, w, 3)}
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
-            zf.open("arr_0.npy", "w", force_zip64=True) as member:
-        np.lib.format.write_array_header_1_0(member, header)
-        for i in range(n):
-            image = load_png(sample_path(out, i))
-            if image.shape != (3, h, w):
-                raise ValueError(f"{sample_path(out, i)}: {tuple(image.shape)}, expected {(3, h, w)}")
-            member.write(image.permute(1, 2, 0).contiguous().numpy().tobytes())
+    parts = parts_path(path)
+    if rank == 0:
+        npz_merge.create(parts, layout)
+    barrier()
+    error, crc, length = None, 0, 0
+    try:
+        crc, length = npz_merge.write_rows(parts, layout, rank_block(n, rank, world), lambda i: _npz_row(out, i, h, w))
+    except (OSError, ValueError) as e:
+        error = e
+    blocks = _all_gather_ints([crc, length, error is not None], device)
+    if any(failed for _, _, failed in blocks):
+        if rank == 0:
+            parts.unlink(missing_ok=True)
+        raise error or RuntimeError(f"another rank could not read its samples into {path.name}")
+    if rank != 0:
+        return None
+    npz_merge.finish(parts, layout, [(c, size) for c, size, _ in blocks])
+    os.replace(parts, path)
+    fsync_dir(path.parent)
     return path
 
 
@@ -257,11 +314,7 @@ def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: InceptionS
     if info.is_main:
         prepare_output(job)
     barrier()  # the folder is this job's before anyone checks a PNG
-    shape = tuple(sampler.image_shape[1:])
-    remove_broken_samples(job.out, rank_split(range(job.num_samples), info.rank, info.world_size), shape)
-    barrier()
-    todo = missing_indices(job.out, job.num_samples)
-    barrier()  # every rank listed the same finished set before anyone writes
+    todo = missing_everywhere(job.out, job.num_samples, tuple(sampler.image_shape[1:]), info)
     mine = rank_split(todo, info.rank, info.world_size)
     bar, start = _progress(len(todo), info, f"sampling seed {job.seed}"), time.perf_counter()
     rows = min(job.batch_size, len(mine))
@@ -277,8 +330,7 @@ def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: InceptionS
         done = sorted(set(range(job.num_samples)) - set(todo))
         _score_finished(score, job, rank_split(done, info.rank, info.world_size))
         score.all_reduce()
-    barrier()
-    npz = merge_npz(job.out, job.num_samples) if info.is_main else None
+    npz = merge_npz(job.out, job.num_samples, info)
     return {"generated": len(todo), "seconds": seconds,
             "samples_per_s": len(todo) / seconds if todo and seconds > 0 else None,
             "npz": str(npz) if npz else None}

@@ -1,0 +1,115 @@
+"""Per-rank work at 64 nodes x 8 GPUs, measured on one machine with simulated ranks.
+
+A simulated rank is this process given rank r of W by the launcher's variables and torch's
+fake process group (its collectives return at once and leave their tensors as they are), so a
+rank's own work can be counted for r = 0 … W-1 in turn: file checks, files read, files
+fsynced, model rows. What needs the ranks' real exchange (sums, gathers, agreement) is tested
+with real gloo processes here and in test_sampling.py. Each quantity must be O(N/W + 1).
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from ddpm_dist.config import Config, DiffusionConfig, ModelConfig, save_config
+from ddpm_dist.distributed import DistInfo
+
+W = 512  # 64 nodes x 8 GPUs
+CPU = torch.device("cpu")
+
+
+@contextlib.contextmanager
+def simulated_rank(rank: int, world: int, monkeypatch):
+    """This process as rank `rank` of `world` (torchrun's variables, a fake process group)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    with monkeypatch.context() as m:
+        for key, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank % 8, "MASTER_PORT": 1}.items():
+            m.setenv(key, str(value))
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+        try:
+            yield DistInfo(rank, world, rank % 8, CPU, rank == 0)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class FileTouches:
+    """Counts stat() and open() calls on paths under `root` (the real calls still run)."""
+
+    def __init__(self, root: Path, monkeypatch):
+        self.root, self.count = str(root), 0
+        real_stat, real_open = os.stat, builtins.open
+
+        def stat(path, *args, **kw):
+            self._seen(path)
+            return real_stat(path, *args, **kw)
+
+        def open_(path, *args, **kw):
+            self._seen(path)
+            return real_open(path, *args, **kw)
+        monkeypatch.setattr(os, "stat", stat)
+        monkeypatch.setattr(builtins, "open", open_)
+
+    def _seen(self, path) -> None:
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(self.root):
+            self.count += 1
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def _tiny_config(resolution=8, num_timesteps=4) -> Config:
+    model = ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                        resolution=resolution)
+    return Config(model=model, diffusion=DiffusionConfig(num_timesteps=num_timesteps))
+
+
+# ---- the sampler: each rank checks and merges only its own share --------------------------------
+
+def _finished_sample_folder(out: Path, n: int, job) -> None:
+    """`n` finished 8x8 samples and the job's manifest, as a completed run leaves them."""
+    import json
+    from ddpm_dist.evaluation.generate import MANIFEST, sample_path
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        path = sample_path(out, i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    (out / MANIFEST).write_text(json.dumps(job.manifest()))
+
+
+def test_each_sampling_rank_checks_and_merges_only_its_share_of_the_samples(tmp_path, monkeypatch):
+    """A rerun over 2,048 finished samples on 512 ranks: today every rank stat()s every PNG and
+    rank 0 alone reads all of them into the npz."""
+    from ddpm_dist.evaluation.generate import SampleJob, generate
+    from ddpm_dist.modelio.factory import build_diffusion, build_model
+    from ddpm_dist.samplers import Sampler
+    cfg, n = _tiny_config(), 2048
+    job = SampleJob(str(tmp_path / "samples"), n, seed=1, batch_size=4)
+    _finished_sample_folder(Path(job.out), n, job)
+    sampler = Sampler(build_model(cfg.model).eval(), build_diffusion(cfg.diffusion), (3, 8, 8))
+    touches = FileTouches(Path(job.out), monkeypatch)
+    per_rank = {}
+    for rank in reversed(range(W)):  # rank 0 last: it finishes the npz the others filled
+        with simulated_rank(rank, W, monkeypatch) as info:
+            assert generate(job, sampler, info)["generated"] == 0
+        per_rank[rank] = touches.take()
+    share = math.ceil(n / W)
+    assert max(per_rank.values()) <= 4 * share + 16, sorted(per_rank.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_batch_size_auto_is_the_default():
+    from ddpm_dist.cli.fid_sample import parse_args
+    args = parse_args(["--random-init", "--num-samples", "8", "--out", "x"])
+    assert args.batch_size == "auto"
