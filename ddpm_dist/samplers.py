@@ -25,7 +25,7 @@ from torch import nn
 
 from ddpm_dist.diffusion import Generator, GaussianDiffusion, randn
 from ddpm_dist.noise import SampleNoise, sample_seed
-from ddpm_dist.training.engines.base import compile_enabled, guard_cpu_compile, memory_format
+from ddpm_dist.training.engines.base import compile_enabled, enable_cudnn_benchmark, guard_cpu_compile, memory_format
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -172,6 +172,7 @@ class Sampler:
         self.diffusion, kept = respace(diffusion, steps)
         device = next(model.parameters()).device
         self.plan = network_plan(device, bf16, compile)
+        enable_cudnn_benchmark(device)
         if self.plan.compile:
             guard_cpu_compile(device, "bf16" if bf16 else "fp32")
         # Eager: what `auto_batch_size` probes (one compile per probed batch size would be slow).

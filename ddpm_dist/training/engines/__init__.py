@@ -8,7 +8,7 @@ from torch import nn
 from ddpm_dist.config import Config, ConfigError
 from ddpm_dist.distributed import DistInfo
 from .base import (DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format, compile_enabled,
-                   memory_format)
+                   enable_cudnn_benchmark, memory_format)
 
 __all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "batch_split", "checkpoint_format"]
 
@@ -33,6 +33,7 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info:
         raise RuntimeError(f"engine=single runs one process, but world_size={dist_info.world_size}; "
                            f"use engine=ddp or engine=fsdp")
     device = torch.device(device)
+    enable_cudnn_benchmark(device)
     model.to(device, memory_format=memory_format(device))
     # Whole-model compile where the wrapper leaves the module's forward alone (single, DDP);
     # FSDP2 and DeepSpeed hook every block, so each block is compiled between the hooks.
