@@ -1,31 +1,39 @@
 #!/usr/bin/env python
 """One prepared check of the GPU numbers, in one call of a few minutes (bench/gpu_check.sh runs it).
 
-    python bench/gpu_check.py [--out DIR] [--budget SECONDS] [--smoke] [--only NAME ...]
+    python bench/gpu_check.py [--out DIR] [--budget SECONDS] [--smoke] [--only NAME ...] [--last FILE] [--rest]
 
 Every measurement runs in a child process with its own time cap, inside one total budget: one
 that does not fit in what is left is recorded as "skipped: over budget", one that fails or runs
-past its cap is recorded with its error line, and the check goes on. Results: DIR/gpu_check.json
-(every section, every entry with a `status`), DIR/gpu_check.txt (the table printed last) and
-DIR/children.log (the end of each failed child's output).
+past its cap is recorded with its error line, and the check goes on. The goals run first
+(`plan`). Results: DIR/gpu_check.json (every section, every entry with a `status`),
+DIR/gpu_check.txt (the table printed last) and DIR/children.log (the last lines of every child's
+output: compile times, recompiles and graph breaks, which the children log through
+TORCH_LOGS=recompiles,graph_breaks, or the error). The report is also written to --last (a
+path that outlives the call on a warm device machine); `--rest` then runs only the checks that
+report skipped or never reached, and writes the merged report: the second, shorter call.
 
 Sections:
 - env: device name, torch / CUDA / triton / diffusers versions, date.
 - groupnorm: whether a U-Net Block's GroupNorm (and the whole Block) keeps channels_last on a
   channels_last bf16 input under autocast.
-- train: images/s, MFU and peak memory through the real loop: `python -m ddpm_dist.train` on the
-  digits (data.source=digits), bf16, engine single / ddp / fsdp (ddp and fsdp with a one-process
-  group), eager or compiled; the figures are those of the last metrics.jsonl line (an interval
-  after the first, so compilation is left out). The process is ended once that line is written:
-  the run's final sample grid and checkpoint are not part of the measurement.
+- train: images/s, MFU (against the peak `training.telemetry.peak_flops` gives: 790 TFLOP/s bf16
+  dense on an H200, as measured there) and peak memory through the real loop: `python -m
+  ddpm_dist.train` on the digits (data.source=digits), bf16, engine single / ddp / fsdp (ddp and
+  fsdp with a one-process group), eager or compiled; the figures are those of the last
+  metrics.jsonl line (an interval after the first, so compilation is left out), and
+  `first_log_s` is the time to the first line (start-up and compilation included). The process
+  is ended once that line is written: the run's final sample grid and checkpoint are not part
+  of the measurement.
 - diffusers: bench/train_throughput.py's step for ours and for diffusers' UNet2DModel of the same
   topology, bf16, eager and compiled, timed in turns; the ratio is ours / diffusers.
 - sampling: bench/sample_throughput.py's `Sampler` run (ancestral DDPM, SampleNoise, --bf16) as
   tools/fid_sample.py runs it on the device (`samplers.network_plan`: on CUDA a bf16 weight copy
   and channels_last), eager at batch 64 and at `--batch-size auto` (evaluation.generate.
-  auto_batch_size), and compiled (fid_sample's default on CUDA) at `auto`, timed over a few
-  respaced steps after a warm-up run that compiles (one forward per step, as at 1000 steps), and
-  the projected time of 50,000 CIFAR-10 samples at 1000 steps (PNG writing excluded).
+  auto_batch_size), and compiled (fid_sample's default on CUDA: one CUDA graph per step) at
+  `auto`, timed over a few respaced steps after a warm-up run that compiles and captures
+  (`warmup_s`; one forward per step, as at 1000 steps), and the projected time of 50,000
+  CIFAR-10 samples at 1000 steps (PNG writing excluded).
 
 --smoke runs the same code paths on the CPU with a tiny U-Net (16², ch 32), a few steps and
 2 sampling steps, eager only, in well under a minute.
@@ -78,28 +86,49 @@ def sampling_check(batch: int | str, compiled: bool) -> Check:
                  {"model": "cifar10", "batch": batch, "compile": compiled})
 
 
+def diffusers_check(model: str, compiled: bool) -> Check:
+    # Compiled: two compiles (ours, diffusers'); ours mostly hits the caches a compiled training
+    # run of the same model left (Inductor's FX graph and AOT autograd caches).
+    min_s, cap_s = (100, 220) if compiled else (25, 90)
+    return Check("diffusers", f"diffusers {model} {'compiled' if compiled else 'eager'}", min_s, cap_s,
+                 {"model": model, "compile": compiled})
+
+
 def plan() -> list[Check]:
-    """In the order they run. The cheap checks (under ~30 s each) come before the compiled ones,
-    so a slow compile cannot push them out of the budget. Training runs keep the priority
-    cifar10 single eager, cifar10 single compiled, 256² single compiled, cifar10 ddp compiled,
-    cifar10 fsdp eager, except that the last, an eager run, goes with the cheap checks; the rest
-    of the engine × mode grid comes after the diffusers ratio. Compiled sampling at batch auto,
-    fid_sample's default on CUDA, comes right after the first compiled training run."""
-    cheap = [Check("env", "env", 5, 60), Check("groupnorm", "groupnorm channels_last", 10, 60),
-             train_check("cifar10", "single", False),
-             sampling_check(64, compiled=False), sampling_check("auto", compiled=False),
-             Check("diffusers", "diffusers cifar10 eager", 25, 90, {"model": "cifar10", "compile": False}),
-             train_check("cifar10", "fsdp", False)]
-    compiled = [train_check("cifar10", "single", True), sampling_check("auto", compiled=True),
-                train_check("celebahq", "single", True),
-                train_check("cifar10", "ddp", True),
-                Check("diffusers", "diffusers cifar10 compiled", 150, 240, {"model": "cifar10", "compile": True})]
-    done = {(c.spec["model"], c.spec["engine"], c.spec["compile"]) for c in cheap + compiled if c.section == "train"}
+    """In the order they run: the goals first, compiled, as a run would meet them. CIFAR-10
+    training, then diffusers compiled in the same harness right after (caches warm), 256²
+    training, sampling at `--batch-size auto` with the 50k projection; then the eager and
+    engine rows (eager CIFAR-10 and diffusers for the ratio to diffusers' own eager training,
+    fsdp and ddp compiled), then the rest of the engine × mode grid and diffusers at 256²."""
+    goals = [Check("env", "env", 5, 60), train_check("cifar10", "single", True), diffusers_check("cifar10", True),
+             train_check("celebahq", "single", True), sampling_check("auto", compiled=True)]
+    rows = [train_check("cifar10", "single", False), diffusers_check("cifar10", False),
+            Check("groupnorm", "groupnorm channels_last", 10, 60),
+            sampling_check(64, compiled=False), sampling_check("auto", compiled=False),
+            train_check("cifar10", "fsdp", True), train_check("cifar10", "ddp", True),
+            train_check("cifar10", "fsdp", False)]
+    done = {(c.spec["model"], c.spec["engine"], c.spec["compile"]) for c in goals + rows if c.section == "train"}
     grid = [train_check(m, e, c) for c in (False, True) for m in MODELS for e in ("single", "ddp", "fsdp")
             if (m, e, c) not in done]
-    tail = [Check("diffusers", f"diffusers celebahq {mode}", lo, hi, {"model": "celebahq", "compile": mode == "compiled"})
-            for mode, lo, hi in (("eager", 30, 90), ("compiled", 150, 240))]
-    return cheap + compiled + grid + tail
+    return goals + rows + grid + [diffusers_check("celebahq", False), diffusers_check("celebahq", True)]
+
+
+def rest_of(checks: list[Check], last: dict) -> list[Check]:
+    """The checks a previous report skipped for the budget or never reached (its call ended
+    first), in plan order; env always, to date the report."""
+    entries = {e["name"]: e for s in SECTIONS[1:] for e in last.get(s, [])}
+    return [c for c in checks if c.section == "env" or c.name not in entries
+            or entries[c.name]["status"] == "skipped: over budget"]
+
+
+def merged(last: dict, report: dict) -> dict:
+    """`last` with the entries of `report` in place of those of the same name, new ones appended."""
+    out = {**last, "env": report["env"], "wall_s": report.get("wall_s")}
+    for section in SECTIONS[1:]:
+        fresh = {e["name"]: e for e in report[section]}
+        kept = [fresh.pop(e["name"], e) for e in last.get(section, [])]
+        out[section] = kept + list(fresh.values())
+    return out
 
 
 # ------------------------------------------------------------------ children: the measurements ---
@@ -109,9 +138,12 @@ def child_env(spec: dict, smoke: bool) -> dict:
     import platform
 
     import torch
+    from ddpm_dist.training.telemetry import peak_flops
+    peak = peak_flops(device_of(smoke)) if torch.cuda.is_available() else None
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "mfu_peak_tflops": peak / 1e12 if peak else None}
     for name in ("triton", "diffusers"):
         try:
             module = __import__(name)
@@ -186,13 +218,16 @@ def child_sampling(spec: dict, smoke: bool) -> dict:
     args = argparse.Namespace(batch_size=batch, bf16=True, compile=compile)
     run, _ = ours(lambda idx, dev: SampleNoise(0, idx, dev))(cfg, "ddpm", args, device)
     with torch.no_grad():
-        seconds = time_median(lambda: run(steps), 2 if smoke else 3, device)  # the warm-up compiles
+        warmup_s = time_median(lambda: run(steps), 1, device, warmup=False)  # compiles and captures
+        seconds = time_median(lambda: run(steps), 2 if smoke else 3, device, warmup=False)
     image_steps_per_s = batch * steps / seconds
     projected_s = 50_000 * 1000 / image_steps_per_s
     plan = network_plan(device, bf16=True, compile=compile)
-    return {"batch": batch, "steps_timed": steps, "images_per_s_at_1000_steps": image_steps_per_s / 1000,
+    return {"batch": batch, "steps_timed": steps, "warmup_s": warmup_s,
+            "images_per_s_at_1000_steps": image_steps_per_s / 1000,
             "image_steps_per_s": image_steps_per_s, "projected_50k_1000_steps_min": projected_s / 60,
             "weights": str(plan.dtype).removeprefix("torch."), "compiled": plan.compile,
+            "cuda_graphs": plan.cuda_graphs,
             "channels_last": plan.memory_format == torch.channels_last,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
@@ -203,6 +238,8 @@ CHILDREN = {"env": child_env, "groupnorm": child_groupnorm, "diffusers": child_d
 def child_main(section: str, spec_json: str, result_path: str, smoke: bool) -> None:
     from ddpm_dist.utils.files import atomic_write
     result = CHILDREN[section](json.loads(spec_json), smoke)
+    import torch._dynamo.utils
+    print("compile times (Dynamo, per compiled function):\n" + torch._dynamo.utils.compile_times(repr="str"))
     atomic_write(result_path, json.dumps(result))  # complete or absent: the parent reads it once it exists
 
 
@@ -225,6 +262,7 @@ def error_line(log: Path) -> str:
 def child_env_vars(smoke: bool) -> dict:
     paths = [str(ROOT), str(BENCH), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_LOGS", "recompiles,graph_breaks")  # into each child's log, and so its tail
     if smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is a CPU run, also on a GPU machine
     return env
@@ -285,11 +323,18 @@ def measure_train(check: Check, timeout: float, work: Path, smoke: bool) -> dict
     def rows() -> list[dict]:
         text = metrics.read_text() if metrics.exists() else ""
         return [json.loads(s) for s in text.splitlines() if s.endswith("}")]
-    wait_for(start(cmd, log, smoke), lambda: len(rows()) >= lines, timeout, log)
+
+    def done() -> bool:
+        seen = rows()
+        if seen and "first_log_s" not in first:
+            first["first_log_s"] = round(time.monotonic() - began, 1)  # start-up and compile included
+        return len(seen) >= lines
+    began, first = time.monotonic(), {}
+    wait_for(start(cmd, log, smoke), done, timeout, log)
     last = rows()[-1]
     keys = {"perf/images_per_s": "images_per_s", "perf/mfu": "mfu", "memory/max_allocated_gb": "max_allocated_gb",
             "memory/reserved_gb": "reserved_gb", "loss": "loss", "step": "step"}
-    return {"batch": train_batch(check.spec, smoke), **{short: last.get(key) for key, short in keys.items()}}
+    return {"batch": train_batch(check.spec, smoke), **first, **{short: last.get(key) for key, short in keys.items()}}
 
 
 def measure_child(check: Check, timeout: float, work: Path, smoke: bool) -> dict:
@@ -337,25 +382,30 @@ def table_row(e: dict) -> str:
         notes = f"ours {fmt(e['ours_images_per_s'])} vs diffusers {fmt(e['diffusers_images_per_s'])} img/s, batch {e['batch']}"
         return f"| {e['name']} | {status} | {fmt(e['ours_images_per_s'])} | | | ratio {e['ratio']:.2f}x; {notes} |"
     if "projected_50k_1000_steps_min" in e:
-        notes = (f"batch {e['batch']}, {e['weights']} weights, channels_last {e['channels_last']}: "
+        notes = (f"batch {e['batch']}, {e['weights']} weights, channels_last {e['channels_last']}, "
+                 f"CUDA graphs {e.get('cuda_graphs')}, warm-up {fmt(e.get('warmup_s'))} s: "
                  f"50k × 1000 steps ≈ {e['projected_50k_1000_steps_min']:,.1f} min")
         return (f"| {e['name']} | {status} | {fmt(e['images_per_s_at_1000_steps'], ',.2f')} | | "
                 f"{fmt(e['peak_allocated_gb'], '.1f')} | {notes} (img/s at 1000 steps) |")
     mfu = fmt(e.get("mfu") * 100, ".1f") + "%" if isinstance(e.get("mfu"), float) else "-"
-    notes = f"batch {e['batch']}, loss {fmt(e.get('loss'), '.3f')}" if ok else ""
+    notes = f"batch {e['batch']}, loss {fmt(e.get('loss'), '.3f')}, first log at {fmt(e.get('first_log_s'))} s" if ok else ""
     return f"| {e['name']} | {status} | {fmt(e.get('images_per_s'))} | {mfu} | {fmt(e.get('max_allocated_gb'), '.1f')} | {notes} |"
 
 
 def table(report: dict) -> str:
     rows = [table_row({**report["env"], "section": "env"})]
     rows += [table_row(e) for s in SECTIONS[1:] for e in report[s]]
-    head = "| measurement | status | images/s | MFU | peak GB | notes |\n| --- | --- | --- | --- | --- | --- |"
+    peak = report["env"].get("mfu_peak_tflops")
+    mfu = f"MFU (of {peak:.0f} TFLOP/s bf16 dense)" if peak else "MFU"
+    head = f"| measurement | status | images/s | {mfu} | peak GB | notes |\n| --- | --- | --- | --- | --- | --- |"
     return head + "\n" + "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------- main ---
 
-def run_all(checks: list[Check], budget: float, work: Path, smoke: bool, out: Path) -> dict:
+def run_all(checks: list[Check], budget: float, work: Path, smoke: bool, save) -> dict:
+    """Run the checks in order inside `budget` seconds; `save(report)` after each, so a call
+    that is killed keeps what it measured (and the log tails so far)."""
     deadline = time.monotonic() + budget
     report = {"smoke": smoke, "budget_s": budget, "env": {"status": "skipped: not run"},
               **{s: [] for s in SECTIONS[1:]}}
@@ -366,7 +416,7 @@ def run_all(checks: list[Check], budget: float, work: Path, smoke: bool, out: Pa
             report["env"] = entry
         else:
             report[check.section].append(entry)
-        write_json(out / "gpu_check.json", report)  # after each check: a killed run keeps what it measured
+        save(report)
     return report
 
 
@@ -375,15 +425,27 @@ def write_json(path: Path, report: dict) -> None:
     atomic_write(path, json.dumps(report, indent=1))
 
 
-def failed_logs(work: Path, report: dict) -> str:
-    """The last 40 lines of each failed child's output."""
+LOG_TAIL = 60  # lines of each child's log kept in children.log
+
+
+def log_tails(work: Path, report: dict) -> str:
+    """The last lines of every child's output, ok or not: compile times, recompiles, graph
+    breaks (TORCH_LOGS) and, for a failed child, its error."""
     parts = []
     for entry in [report["env"], *(e for s in SECTIONS[1:] for e in report[s])]:
         log = work / f"{entry['name'].replace(' ', '_')}.log"
-        if entry["status"].startswith("error") and log.exists():
-            tail = log.read_text(errors="replace").splitlines()[-40:]
+        if log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
             parts.append(f"===== {entry['name']}: {entry['status']}\n" + "\n".join(tail))
     return "\n\n".join(parts)
+
+
+def read_last(path: str | None) -> dict:
+    """The report `--rest` continues, or SystemExit with one line saying what to do."""
+    if not path or not Path(path).is_file():
+        raise SystemExit(f"--rest: no report at {path!r}; run the first call (bench/gpu_check.sh) before it, "
+                         "with the same --last, on the same machine")
+    return json.loads(Path(path).read_text())
 
 
 def main() -> None:
@@ -392,26 +454,36 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=None, help="seconds for all checks (default 420, smoke 50)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny U-Net, eager only")
     p.add_argument("--only", nargs="+", default=None, help="run only the checks whose name contains one of these")
+    p.add_argument("--last", default=None, help="also write the report here (read back by --rest)")
+    p.add_argument("--rest", action="store_true", help="run what the report at --last skipped or never reached")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child_main(args.child, args.spec, args.result, args.smoke)
+    previous = read_last(args.last) if args.rest else None
+    if args.last:
+        Path(args.last).parent.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checks = [c for c in plan() if not args.only or c.section == "env" or any(o in c.name for o in args.only)]
+    checks = rest_of(checks, previous) if previous else checks
     budget = args.budget or (50.0 if args.smoke else 420.0)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        report = run_all(checks, budget, Path(tmp), args.smoke, out)
+        def save(report: dict) -> dict:
+            full = merged(previous, report) if previous else report
+            for path in [out / "gpu_check.json", *([Path(args.last)] if args.last else [])]:
+                write_json(path, full)
+            (out / "children.log").write_text(log_tails(Path(tmp), report))
+            (out / "gpu_check.txt").write_text(table(full) + "\n")
+            return full
+        report = run_all(checks, budget, Path(tmp), args.smoke, save)
         report["wall_s"] = round(time.monotonic() - began, 1)
-        write_json(out / "gpu_check.json", report)
-        (out / "children.log").write_text(failed_logs(Path(tmp), report))
-    text = table(report)
-    (out / "gpu_check.txt").write_text(text + "\n")
-    print(f"\n{report['env'].get('device', '?')}, torch {report['env'].get('torch', '?')}, "
-          f"{report['env'].get('date', '?')}, {report['wall_s']} s of a {budget:.0f} s budget\n{text}")
+        full = save(report)
+    print(f"\n{full['env'].get('device', '?')}, torch {full['env'].get('torch', '?')}, "
+          f"{full['env'].get('date', '?')}, {report['wall_s']} s of a {budget:.0f} s budget\n{table(full)}")
 
 
 if __name__ == "__main__":

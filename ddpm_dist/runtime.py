@@ -25,6 +25,14 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.preserve_format
 
 
+def enable_cudnn_benchmark(device: torch.device) -> None:
+    """On CUDA, cuDNN times its convolution algorithms once per input shape and keeps the fastest
+    (cudnn.benchmark): a run's shapes are fixed (the training batch; sampling pads its last
+    batch), so the one-off timing pays back at every later step."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def compile_enabled(setting: str, device: torch.device) -> bool:
     """train.compile and the sampler's --compile: "auto" compiles on CUDA only."""
     return setting == "true" or (setting == "auto" and device.type == "cuda")

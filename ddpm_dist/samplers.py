@@ -25,7 +25,7 @@ from torch import nn
 
 from ddpm_dist.diffusion import Generator, GaussianDiffusion, randn
 from ddpm_dist.noise import SampleNoise, sample_seed
-from ddpm_dist.runtime import compile_enabled, guard_cpu_compile, memory_format
+from ddpm_dist.runtime import compile_enabled, enable_cudnn_benchmark, guard_cpu_compile, memory_format
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -64,6 +64,7 @@ class NetworkPlan:
     autocast: bool                      # bf16 autocast over float32 weights
     memory_format: torch.memory_format  # of the weights and of x_t
     compile: bool                       # torch.compile of the network call
+    cuda_graphs: bool = False           # that call captured in a CUDA graph and replayed each step
 
 
 def network_plan(device: torch.device, bf16: bool, compile: str = "auto") -> NetworkPlan:
@@ -74,10 +75,15 @@ def network_plan(device: torch.device, bf16: bool, compile: str = "auto") -> Net
     compile="false". CPU: the path as it was, float32 weights (bf16 autocast with bf16), the
     default layout, eager unless compile="true": Inductor's bf16 CPU code was wrong on some
     CPUs (`guard_cpu_compile`) and channels_last changes the float32 results there. Either way
-    x_t, the noise and the update stay float32 (`SamplingNetwork` returns float32)."""
-    cuda = device.type == "cuda"
+    x_t, the noise and the update stay float32 (`SamplingNetwork` returns float32).
+
+    Compiled on CUDA, the network call is also captured in a CUDA graph (torch.compile's
+    "reduce-overhead"): the batch is fixed for a run (`generate_batch` pads the last one), so
+    one graph is recorded and replayed at every step, one launch instead of a few hundred, and
+    1000-step sampling is not bound by kernel launches."""
+    cuda, compiled = device.type == "cuda", compile_enabled(compile, device)
     return NetworkPlan(dtype=torch.bfloat16 if bf16 and cuda else torch.float32, autocast=bf16 and not cuda,
-                       memory_format=memory_format(device), compile=compile_enabled(compile, device))
+                       memory_format=memory_format(device), compile=compiled, cuda_graphs=compiled and cuda)
 
 
 class SamplingNetwork(nn.Module):
@@ -166,12 +172,15 @@ class Sampler:
         self.diffusion, kept = respace(diffusion, steps)
         device = next(model.parameters()).device
         self.plan = network_plan(device, bf16, compile)
+        enable_cudnn_benchmark(device)
         if self.plan.compile:
             guard_cpu_compile(device, "bf16" if bf16 else "fp32")
         # Eager: what `auto_batch_size` probes (one compile per probed batch size would be slow).
         self.network = SamplingNetwork(model, self.plan)
         # Wrapped once: the first call compiles, every later step and batch of that shape reuses it.
-        network = torch.compile(self.network) if self.plan.compile else self.network
+        # Under CUDA graphs each call's output lives until the next call, which is all a step needs.
+        mode = "reduce-overhead" if self.plan.cuda_graphs else None
+        network = torch.compile(self.network, mode=mode) if self.plan.compile else self.network
         # K = T keeps every step (β' = β up to rounding): the map is the identity, skip the lookup.
         self.model = TimestepMap(network, kept if len(kept) < diffusion.num_timesteps else None)
         self.image_shape, self.kind, self.eta = tuple(image_shape), sampler, eta

@@ -96,8 +96,10 @@ def test_memory_stream_model_inputs_equal_the_seeded_order_and_flips():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_a_stream_for_cuda_sends_pinned_batches(tmp_path):
+@pytest.mark.parametrize("source", ["shards", "digits"])
+def test_a_stream_for_cuda_sends_pinned_batches(tmp_path, source):
     cfg = Config()
-    cfg.data.source, cfg.data.num_workers, cfg.model.resolution = write_noise_shards(tmp_path), 1, 8
+    cfg.data.source = write_noise_shards(tmp_path) if source == "shards" else "digits"
+    cfg.data.num_workers, cfg.model.resolution = 1, 8
     batch = next(iter(build_stream(cfg, 4, pin_memory=True)))
     assert batch.images.is_pinned() and batch.flips.is_pinned()

@@ -355,3 +355,17 @@ def test_deepspeed_runs_torchs_fused_adam_on_cuda_and_foreach_on_cpu():
     cpu = ds_config(cfg, 4, 1, torch.device("cpu"))["optimizer"]["params"]
     assert cuda["torch_adam"] and cuda["fused"] and "foreach" not in cuda
     assert cpu["torch_adam"] and cpu["foreach"] and "fused" not in cpu
+
+
+def test_cudnn_benchmark_is_on_for_cuda_only_and_mfu_is_of_the_measured_h200_peak(monkeypatch):
+    """build_engine and Sampler call enable_cudnn_benchmark: a run's shapes are fixed, so cuDNN's one-off
+    algorithm timing pays back (on CUDA only)."""
+    from ddpm_dist.runtime import enable_cudnn_benchmark
+    from ddpm_dist.training.telemetry import peak_flops
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    enable_cudnn_benchmark(torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark
+    enable_cudnn_benchmark(torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert peak_flops(torch.device("cuda", 0)) == 790e12  # measured dense bf16, not the data sheet's 989

@@ -423,3 +423,22 @@ def test_a_failed_npz_merge_leaves_no_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         merge_npz(tmp_path, 5)
     assert not npz_path(tmp_path, 5, 8, 8).exists() and not list(tmp_path.glob(".*"))
+
+
+def test_the_manifest_records_compile_and_a_folder_from_before_the_record_resumes(model_file, reference, tmp_path,
+                                                                                    monkeypatch):
+    """Recorded, not compared: compiled and eager samples differ in rounding only, so a rerun with
+    the other setting extends the folder, and the manifest says both were used."""
+    from torch._dynamo.testing import CompileCounter
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest.pop("compiled") == [False]
+    (out / "manifest.json").write_text(json.dumps(manifest))  # as written before the record existed
+    _sample_here(model_file, out, "--num-samples", N + 1)
+    assert json.loads((out / "manifest.json").read_text())["compiled"] == [False]
+    compile = torch.compile  # a counting backend: the graph runs as traced, no code is generated
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=CompileCounter(), **kw))
+    _sample_here(model_file, out, "--num-samples", N + 2, "--compile", "true")
+    assert json.loads((out / "manifest.json").read_text())["compiled"] == [False, True]
+    assert json.loads((out / "result.json").read_text())["runs"][0]["generated"] == 1

@@ -37,11 +37,12 @@ def model_and_diffusion():
 
 
 def test_the_plan_is_bf16_weights_channels_last_and_compiled_on_cuda_and_as_before_on_a_cpu():
-    assert network_plan(CUDA, bf16=True) == NetworkPlan(torch.bfloat16, False, torch.channels_last, True)
+    assert network_plan(CUDA, bf16=True) == NetworkPlan(torch.bfloat16, False, torch.channels_last, True, True)
     assert network_plan(CUDA, bf16=False).dtype == torch.float32
     assert network_plan(CPU, bf16=True) == NetworkPlan(torch.float32, True, torch.preserve_format, False)
     assert network_plan(CPU, bf16=False) == NetworkPlan(torch.float32, False, torch.preserve_format, False)
     assert not network_plan(CUDA, True, "false").compile and network_plan(CPU, False, "true").compile
+    assert not network_plan(CUDA, True, "false").cuda_graphs and not network_plan(CPU, False, "true").cuda_graphs
 
 
 @pytest.mark.parametrize("kind,steps,bf16", [("ddpm", None, False), ("ddim", 8, False), ("ddim", 8, True)])
@@ -151,3 +152,28 @@ def test_fid_sample_compile_flag_compiles_once_and_writes_the_eager_samples(mode
     assert counter.frame_count == 1  # 2 batches (the last one padded) × 3 steps, one graph
     with pytest.raises(SystemExit):
         parse_args(["--random-init", "--num-samples", "2", "--out", str(tmp_path), "--compile", "yes"])
+
+
+def test_the_cuda_graph_step_is_one_graph_for_every_step_and_gives_the_eager_samples(model_and_diffusion,
+                                                                                   monkeypatch):
+    """The GPU plan's compile, mode="reduce-overhead": the network call at the run's fixed batch,
+    captured in a CUDA graph once and replayed at every step. Here on the CPU's float32 plan, with
+    a backend that records the mode it is asked for and runs the graph as traced (a CPU has no
+    CUDA graphs): the sampler's code is that of the GPU, its samples the eager ones bit for bit."""
+    model, diffusion = model_and_diffusion
+    counter, modes, compile = CompileCounter(), [], torch.compile
+
+    def backend(gm, example_inputs, **options):
+        modes.append(options.get("mode"))
+        return counter(gm, example_inputs)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=backend, **kw))
+    graphed = dataclasses.replace(network_plan(CPU, bf16=False, compile="true"), cuda_graphs=True)
+    monkeypatch.setattr(samplers, "network_plan",
+                        lambda device, bf16, compile: graphed if compile == "true" else network_plan(device, bf16, compile))
+    torch._dynamo.reset()
+    for kind, steps in (("ddpm", None), ("ddim", 6)):
+        captured = Sampler(model, diffusion, SHAPE, sampler=kind, steps=steps, eta=1.0, compile="true")
+        eager = Sampler(model, diffusion, SHAPE, sampler=kind, steps=steps, eta=1.0, compile="false")
+        for seed in (0, 1):
+            assert torch.equal(captured(SampleNoise(seed, range(3)), "cpu"), eager(SampleNoise(seed, range(3)), "cpu"))
+    assert counter.frame_count == 1 and modes == ["reduce-overhead"]  # 40 + 6 steps × 2 batches, one graph

@@ -16,15 +16,17 @@ class MemoryStream:
 
     Each epoch is a permutation seeded by (seed, epoch); rank r takes every world_size-th index,
     so ranks see disjoint images and the same number of batches. The position (epoch, batch)
-    is checkpointed and a resumed stream continues the same sequence of samples.
+    is checkpointed and a resumed stream continues the same sequence of samples. pin_memory
+    (training on CUDA): each batch is gathered into page-locked memory, so its copy to the
+    device does not wait for the host (pinned blocks are cached and reused once their copy ends).
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, flip: bool = True):
+                 seed: int = 0, flip: bool = True, pin_memory: bool = False):
         per_rank = len(images) // world_size
         if per_rank < batch_size:
             raise ValueError(f"{len(images)} images cannot give each of {world_size} ranks a batch of {batch_size}")
-        self.images, self.batch_size, self.flip = images, batch_size, flip
+        self.images, self.batch_size, self.flip, self.pin_memory = images, batch_size, flip, pin_memory
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batches_per_epoch = per_rank // batch_size
         self.epoch, self.batch = 0, 0
@@ -45,7 +47,8 @@ class MemoryStream:
             while self.batch < self.batches_per_epoch:
                 sl = slice(self.batch * self.batch_size, (self.batch + 1) * self.batch_size)
                 self.batch += 1
-                yield ImageBatch(self.images[order[sl]], flips[sl])
+                batch = ImageBatch(self.images[order[sl]], flips[sl])
+                yield ImageBatch(*(t.pin_memory() for t in batch)) if self.pin_memory else batch
             self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

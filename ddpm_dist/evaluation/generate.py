@@ -7,9 +7,11 @@ ones and splits only the missing indices over the ranks (strided, so work stays 
 rank checks only its own share of the PNGs and the ranks sum their findings, so a rank makes
 N/W file checks, not N. A PNG that does not decode to the sample shape is deleted and sampled
 again. `DIR/manifest.json` (weights hash, sampler, steps, eta, bf16, seed) is written before the
-first PNG: a rerun with other settings is refused instead of mixing two models' samples. At the
-end all ranks write the ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order)
-together, each its own block of rows (`npz_merge`).
+first PNG: a rerun with other settings is refused instead of mixing two models' samples. It also
+records whether the runs that wrote into the folder were compiled (`compiled`: the settings seen),
+without comparing it: compiled and eager samples differ in rounding only, and folders from before
+the record resume. At the end all ranks write the ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`,
+uint8 NHWC, index order) together, each its own block of rows (`npz_merge`).
 Optionally each rank streams Inception statistics of its samples (`InceptionStatistics`); the
 float64 sums are all-reduced (nothing is gathered) and rank 0 writes FID / IS to the result JSON.
 """
@@ -110,15 +112,17 @@ def clear_samples(out: str | Path) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def prepare_output(job: SampleJob) -> None:
+def prepare_output(job: SampleJob, compiled: bool) -> None:
     """Rank 0, before any PNG, after every rank's `check_output`: clear the folder if asked,
-    write the manifest."""
+    write the manifest, with `compiled` added to the settings its earlier runs recorded."""
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     if job.overwrite:
         clear_samples(out)
     remove_partial_files(out)
-    atomic_write(out / MANIFEST, json.dumps(job.manifest(), indent=2) + "\n")
+    earlier = json.loads((out / MANIFEST).read_text()).get("compiled", []) if (out / MANIFEST).is_file() else []
+    record = {**job.manifest(), "compiled": sorted({*earlier, compiled})}
+    atomic_write(out / MANIFEST, json.dumps(record, indent=2) + "\n")
 
 
 def is_sample(path: Path, shape: tuple[int, int]) -> bool:
@@ -312,7 +316,7 @@ def generate(job: SampleJob, sampler: Sampler, info: DistInfo, score: InceptionS
     returns timing, and the reduced statistics stay in `score`."""
     check_output(job.out, job)  # on every rank, so all of them stop on another run's folder
     if info.is_main:
-        prepare_output(job)
+        prepare_output(job, sampler.plan.compile)
     barrier()  # the folder is this job's before anyone checks a PNG
     todo = missing_everywhere(job.out, job.num_samples, tuple(sampler.image_shape[1:]), info)
     mine = rank_split(todo, info.rank, info.world_size)

@@ -41,14 +41,19 @@ class EMA:
     @torch.no_grad()
     def update(self, local_params: Sequence[torch.Tensor], skip: torch.Tensor | None = None) -> None:
         """One EMA step over what this rank holds of the parameters (`local_views(params)`, made
-        once by the caller); lerp(ema, p, 1 - decay) is the paper's update in one fused kernel.
-        `skip` (a 0-d device tensor, 1.0 = skip) zeroes the weight without a host sync."""
+        once by the caller): lerp(ema, p, 1 - decay), the paper's update. A fixed number of
+        foreach ops whatever the number of tensors, each one multi-tensor kernel on CUDA (a 0-d
+        weight tensor per parameter would send lerp down its one-kernel-per-tensor route).
+
+        `skip` (a 0-d device tensor, 1.0 = skip) chooses lerp's target without a host sync: the
+        parameters, or the EMA itself (lerp to itself leaves it unchanged). p·1 + ema·0 = p and
+        p·0 + ema·1 = ema are exact for finite values, so the result is bit for bit that of a
+        lerp weighted by (1 - skip)(1 - decay)."""
         src = [p.float() for p in local_params]  # no copy when already fp32
-        if skip is None:
-            torch._foreach_lerp_(self._shadow_locals, src, 1.0 - self.decay)
-        else:  # one 0-d weight tensor per parameter: a single tensor weight would be read as a scalar
-            weight = (1.0 - skip) * (1.0 - self.decay)
-            torch._foreach_lerp_(self._shadow_locals, src, [weight] * len(src))
+        if skip is not None:
+            src = torch._foreach_mul(src, 1.0 - skip)
+            torch._foreach_add_(src, torch._foreach_mul(self._shadow_locals, skip))
+        torch._foreach_lerp_(self._shadow_locals, src, 1.0 - self.decay)
 
     @contextlib.contextmanager
     def swap_into(self, params: Sequence[torch.Tensor]) -> Iterator[None]:

@@ -8,7 +8,7 @@ from torch import nn
 from ddpm_dist.config import Config, ConfigError
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.engine_registry import ENGINES
-from ddpm_dist.runtime import compile_enabled, memory_format
+from ddpm_dist.runtime import compile_enabled, enable_cudnn_benchmark, memory_format
 
 from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format
 
@@ -37,6 +37,7 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info:
         raise RuntimeError(f"engine={cfg.engine} runs one process, but world_size={dist_info.world_size}; "
                            f"use engine=ddp or engine=fsdp")
     device = torch.device(device)
+    enable_cudnn_benchmark(device)
     model.to(device, memory_format=memory_format(device))
     # Whole-model compile where the wrapper leaves the module's forward alone (single, DDP);
     # FSDP2 and DeepSpeed hook every block, so each block is compiled between the hooks.

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ddpm_dist.distributed import any_flag
 from ddpm_dist.runtime import guard_cpu_compile, memory_format
 from ddpm_dist.training.ema import EMA, local_views
+from .block_compile import compile_blocks
 
 DEEPSPEED_TAG = "deepspeed"  # the sub-folder DeepSpeed's own checkpoint format lives in
 
@@ -156,12 +157,10 @@ def apply_block_options(model: nn.Module, *, activation_checkpointing: bool, com
     sharding."""
     if compile:
         guard_cpu_compile(device, precision)
-    per_block_compile = compile and not whole_model
-    if activation_checkpointing or per_block_compile:
+    if activation_checkpointing:
         for block in model.blocks():
-            if activation_checkpointing:
-                block.forward = functools.partial(_checkpointed, block.forward)
-            if per_block_compile:
-                block.compile(mode=compile_mode)
+            block.forward = functools.partial(_checkpointed, block.forward)
+    if compile and not whole_model:
+        compile_blocks(model, model.blocks(), compile_mode)  # each block through its own frame
     if compile and whole_model:
         model.compile(mode=compile_mode)
