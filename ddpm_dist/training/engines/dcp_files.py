@@ -5,13 +5,14 @@ unpickles them on load: a crafted checkpoint folder could run code. `SafeFileSys
 `.metadata` with an unpickler that admits only what torch 2.13 writes there: the classes of
 `torch.distributed.checkpoint.metadata`, DCP's `_StorageInfo`, `torch.Size`, dtypes, the layout
 lookup, and the `PosixPath` DCP stores as the checkpoint id; containers and numbers are pickle
-opcodes, not globals. `SafeLoadPlanner` loads the non-tensor values with `weights_only=True`.
+opcodes, not globals. The tensor files it names must lie inside the checkpoint folder. `SafeLoadPlanner` loads the non-tensor values with `weights_only=True`.
 Tensors DCP already loads with `weights_only=True`.
 """
 from __future__ import annotations
 
 import io
 import pickle
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -60,10 +61,22 @@ class SafeFileSystemReader(FileSystemReader):
             metadata = _MetadataUnpickler(f, path).load()
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpointError(f"{path} refused: it holds a {type(metadata).__name__}, not DCP Metadata")
+        _check_storage_paths(metadata, path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage_paths(metadata: Metadata, path) -> None:
+    """Every tensor file named by `.metadata` lies in the checkpoint folder: a plain relative
+    name, no '..', no absolute path (DCP joins it to the folder as it is)."""
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        parts = PurePosixPath(str(name)).parts
+        if not isinstance(name, str) or not parts or name.startswith("/") or ".." in parts or "\\" in name:
+            raise UnsafeCheckpointError(f"{path} refused: it points tensor storage at {name!r}, outside the "
+                                        f"checkpoint folder (load checkpoints only from sources you trust)")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
