@@ -85,6 +85,26 @@ def test_cifar10_python_batches(tmp_path):
     assert len(pixels) == 20 and first in pixels  # lossless PNG round trip
 
 
+class _WritesFile:
+    """Unpickling this creates a file: the payload a crafted CIFAR-10 batch could carry."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_cifar10_batch_that_names_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 0], b"filenames": [b"a", _WritesFile(marker)]}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    r = make_shards("--source", "cifar10", "--input", str(tmp_path), "--out", str(tmp_path / "out"))
+    err = r.stderr.strip()
+    assert r.returncode != 0 and "\n" not in err and "data_batch_1" in err and "open" in err and "refused" in err, err
+    assert not marker.exists()
+
+
 def batch_image(path: Path, i: int) -> bytes:
     data = pickle.loads(path.read_bytes())[b"data"][i]
     return data.reshape(3, 32, 32).transpose(1, 2, 0).tobytes()
@@ -254,7 +274,7 @@ def test_symlinks_out_of_the_input_folder_are_refused(tmp_path):
     assert not (tmp_path / "out" / "index.json").exists()
 
 
-def test_help_says_cifar10_input_is_pickle():
+def test_help_says_cifar10_input_is_read_safely():
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--help"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "pickle" in r.stdout and "trust" in r.stdout
+    assert r.returncode == 0 and "pickle" in r.stdout and "numpy arrays only" in r.stdout

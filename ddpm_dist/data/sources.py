@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ddpm_dist.utils.pickles import NumpyUnpickler, RefusedPickleError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
@@ -43,8 +45,9 @@ class FolderSource:
 
 class Cifar10Source:
     """A split of the CIFAR-10 python version: train is data_batch_1..5, test is test_batch
-    (pickled dicts). The format is pickle, and unpickling a file can run code: convert only a
-    download you trust (its sha256 is checked by `ddpm_dist.reproduce.datasets`)."""
+    (pickled dicts). They are read with an unpickler that admits numpy arrays and dtypes only, so
+    a crafted batch is refused instead of running code (the official archive's sha256 is also
+    checked by `ddpm_dist.reproduce.datasets`)."""
 
     SPLITS = {"train": "data_batch_*", "test": "test_batch"}
 
@@ -58,10 +61,18 @@ class Cifar10Source:
 
     @staticmethod
     def _read(path: Path) -> tuple[np.ndarray, list[str]]:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in d[b"filenames"]]
-        return np.asarray(d[b"data"], dtype=np.uint8), names
+        try:
+            with open(path, "rb") as f:
+                d = NumpyUnpickler(f, path, encoding="bytes").load()
+        except RefusedPickleError as e:
+            raise ValueError(str(e)) from None
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+        data, names = d.get(b"data") if isinstance(d, dict) else None, d.get(b"filenames") if isinstance(d, dict) else None
+        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or \
+                not isinstance(names, list) or len(names) != len(data):
+            raise ValueError(f"{path}: not a CIFAR-10 python batch (a dict with 'data' [N, 3072] and N 'filenames')")
+        return data.astype(np.uint8, copy=False), [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
     def ids(self) -> list[str]:
         return [str(i) for i in range(len(self.data))]

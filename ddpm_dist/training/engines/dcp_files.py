@@ -11,7 +11,6 @@ Tensors DCP already loads with `weights_only=True`.
 from __future__ import annotations
 
 import io
-import pickle
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -21,6 +20,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
+
+from ddpm_dist.utils.pickles import RefusedPickleError, RestrictedUnpickler
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 ALLOWED_GLOBALS = frozenset({
@@ -35,21 +36,17 @@ ALLOWED_GLOBALS = frozenset({
 })
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(RefusedPickleError):
     """A checkpoint file asks to load something other than checkpoint data."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
+class _MetadataUnpickler(RestrictedUnpickler):
+    what = "DCP checkpoint metadata"
+    error = UnsafeCheckpointError
 
-    def find_class(self, module: str, name: str) -> Any:
+    def allowed(self, module: str, name: str) -> bool:
         is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if (module, name) in ALLOWED_GLOBALS or is_dtype:
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(f"{self.path} refused: it names {module}.{name}, which is not DCP "
-                                    f"checkpoint metadata (load checkpoints only from sources you trust)")
+        return (module, name) in ALLOWED_GLOBALS or is_dtype
 
 
 class SafeFileSystemReader(FileSystemReader):
