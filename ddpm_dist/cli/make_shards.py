@@ -19,7 +19,7 @@ import sys
 
 from ddpm_dist.data.convert import convert_source
 from ddpm_dist.data.fs import DataError
-from ddpm_dist.utils.urls import credentials_error
+from ddpm_dist.utils.urls import endpoint_error, location_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,10 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """Raise ValueError (one line) for settings no run can use."""
-    for flag, url in (("--out", args.out), ("--s3-endpoint", args.s3_endpoint)):
-        message = credentials_error(url, flag)
-        if message:
-            raise ValueError(message)
+    message = location_error(args.out, "--out") or endpoint_error(args.s3_endpoint, "--s3-endpoint")
+    if message:
+        raise ValueError(message)
     for flag, value, least in (("--max-samples", args.max_samples, 1), ("--max-bytes", args.max_bytes, 1),
                                ("--workers", args.workers, 0), ("--resolution", args.resolution or 1, 1)):
         if value < least:
