@@ -221,17 +221,18 @@ def test_encoding_reads_ahead_a_bounded_number_of_samples():
     stream.close()
 
 
-def test_shards_are_0644_whatever_the_umask_and_stale_temp_files_go(tmp_path):
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644)])
+def test_shards_follow_the_umask_and_stale_temp_files_go(tmp_path, umask, mode):
     out = tmp_path / "out"
     out.mkdir()
     stale = out / ".shard-000000.tar.tmp99999999"
     stale.write_bytes(b"left by a killed run")
     cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--no-progress", "--source", "digits",
            "--resolution", "8", "--max-samples", "1000", "--workers", "1", "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(0o077))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(umask))
     assert r.returncode == 0, r.stderr
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == \
-        {"shard-000000.tar": 0o644, "shard-000001.tar": 0o644, "index.json": 0o644}
+        {"shard-000000.tar": mode, "shard-000001.tar": mode, "index.json": mode}
 
 
 def _lsun_without_data(tmp_path) -> list[str]:

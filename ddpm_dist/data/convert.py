@@ -3,7 +3,7 @@
 Samples are shuffled once with a seed, encoded in worker processes (at most READ_AHEAD chunks
 per worker in flight, so memory stays bounded; a worker that dies stops the run with a
 DataError), packed into shards in order, and each shard is written whole (fsynced temp file +
-rename, mode 0644, or one S3 PUT). index.json is
+rename, mode from the user's umask, or one S3 PUT). index.json is
 rewritten after every shard with `complete: false`, and with `complete: true` at the end, so
 an interrupted run can be resumed: a rerun with the same parameters keeps the shards that
 exist with the recorded checksum and re-encodes only from the first missing or bad one.

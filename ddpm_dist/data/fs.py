@@ -160,8 +160,8 @@ def _refused(exc: Exception) -> bool:
 
 
 def write_bytes(url: str, data: bytes, *, endpoint: str | None = None) -> None:
-    """Atomic write: a local temp file, fsynced, mode 0644 (readable by the training jobs of
-    other users whatever the umask), renamed into place; or uploaded whole to S3."""
+    """Atomic write: a local temp file (mode from the user's umask), fsynced, renamed into
+    place; or uploaded whole to S3."""
     fs, path = filesystem(url, endpoint)
     if url.startswith("s3://"):
         fs.pipe_file(path, data)  # an S3 PUT is atomic: readers see the old object or the new
@@ -169,7 +169,6 @@ def write_bytes(url: str, data: bytes, *, endpoint: str | None = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
 
 
 def remove_temp_files(url: str) -> None:
