@@ -279,3 +279,28 @@ def test_help_says_cifar10_input_is_read_safely():
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "pickle" in r.stdout and "numpy arrays only" in r.stdout
+
+
+def test_rerun_on_other_images_with_the_same_folder_name_rewrites_every_shard(tmp_path):
+    """Resume is keyed on the content (ids and sizes), not on the input folder's name."""
+    unique_image_folder(tmp_path / "v1" / "imgs", 12)
+    unique_image_folder(tmp_path / "v2" / "imgs", 20)
+    out = tmp_path / "out"
+    for version in ("v1", "v2"):
+        r = make_shards("--source", "folder", "--input", str(tmp_path / version / "imgs"), "--out", str(out),
+                        "--resolution", "8", "--max-samples", "4", "--workers", "1")
+        assert r.returncode == 0, r.stderr
+    assert "keeping" not in r.stderr, r.stderr
+    ids = [sid for _, sid, _ in webdataset_samples(str(out))]
+    assert sorted(ids) == sorted(f"{'ab'[i % 2]}/img{i}.png" for i in range(20))
+
+
+def test_rerun_after_an_image_changed_size_rewrites_from_scratch(tmp_path):
+    unique_image_folder(tmp_path / "imgs", 8)
+    args = ["--source", "folder", "--input", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
+            "--resolution", "8", "--max-samples", "4", "--workers", "1"]
+    assert make_shards(*args).returncode == 0
+    assert "keeping 2 verified shards" in make_shards(*args).stderr  # unchanged: kept
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "imgs" / "a" / "img0.png")
+    r = make_shards(*args)
+    assert r.returncode == 0 and "keeping" not in r.stderr, r.stderr

@@ -6,14 +6,14 @@ DataError), packed into shards in order, and each shard is written whole (fsynce
 rename, mode from the user's umask, or one S3 PUT). index.json is
 rewritten after every shard with `complete: false`, and with `complete: true` at the end, so
 an interrupted run can be resumed: a rerun with the same parameters keeps the shards that
-exist with the recorded checksum and re-encodes only from the first missing or bad one.
+exist with the recorded checksum and re-encodes only from the first missing or bad one; other
+parameters or other input content (ids and sizes, see `sources.fingerprint`) rewrite every shard.
 """
 from __future__ import annotations
 
 import json
 import logging
 import multiprocessing as mp
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -135,9 +135,10 @@ def convert_source(kind: str, input_path: str | None, out: str, *, resolution: i
                    **options) -> dict:
     """Shards of a source (`open_source` kinds) under `out`: `make_shards` with the params that
     determine the bytes, which a rerun compares to skip verified shards. `options` go to
-    make_shards (max_samples, workers, endpoint, progress, ...)."""
+    make_shards (max_samples, workers, endpoint, progress, ...). The source's content
+    fingerprint (ids and sizes), not its path, tells a rerun whether old shards are its own."""
     source = open_source(kind, input_path, resolution, split)
-    params = {"source": kind, "input": os.path.basename(os.path.normpath(input_path or "")),
+    params = {"source": kind, "content": source.fingerprint(),
               "resolution": resolution or _native_resolution(source), "format": image_format,
               "quality": quality, "seed": seed,
               **({"split": split} if split != "train" else {})}  # train sets keep their old params

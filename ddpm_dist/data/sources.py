@@ -1,12 +1,14 @@
 """Image sources that tools/make_shards.py converts: an image folder, the CIFAR-10 python
 batches, LSUN's lmdb databases, the embedded digits.
 
-A source lists its sample ids up front (so they can be shuffled with a seed) and loads one
-image by id. Loading happens in worker processes; lmdb handles are opened lazily per process
+A source lists its sample ids up front (so they can be shuffled with a seed), loads one image
+by id, and names its content with a `fingerprint` (ids and sizes): make_shards resumes only
+over shards written from the same content, whatever the input folder is called. Loading happens in worker processes; lmdb handles are opened lazily per process
 because an lmdb environment must not cross a fork.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -41,6 +43,9 @@ class FolderSource:
     def load(self, sid: str) -> Image.Image:
         with Image.open(self.root / sid) as img:
             return img.convert("RGB")
+
+    def fingerprint(self) -> str:
+        return fingerprint((sid, (self.root / sid).stat().st_size) for sid in self.ids())
 
 
 class Cifar10Source:
@@ -80,6 +85,10 @@ class Cifar10Source:
     def load(self, sid: str) -> Image.Image:
         return Image.fromarray(self.data[int(sid)].reshape(3, 32, 32).transpose(1, 2, 0))
 
+    def fingerprint(self) -> str:
+        """The pixels themselves (150 MB hash in well under a second) and the file names."""
+        return fingerprint([("pixels", hashlib.sha256(self.data.tobytes()).hexdigest()), *enumerate(self.names)])
+
 
 class LsunSource:
     """An LSUN `*_lmdb` folder as distributed: keys are image ids, values encoded images."""
@@ -108,6 +117,11 @@ class LsunSource:
         with lmdb.open(self.root, readonly=True, lock=False) as env, env.begin() as txn:
             return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
 
+    def fingerprint(self) -> str:
+        """The keys and the database's size: each record's size would mean reading every image."""
+        return fingerprint([("data.mdb", os.path.getsize(os.path.join(self.root, "data.mdb"))),
+                            *((sid, "") for sid in self.ids())])
+
     def load(self, sid: str) -> Image.Image:
         with self._open().begin() as txn:
             data = txn.get(sid.encode())
@@ -128,6 +142,17 @@ class DigitsSource:
 
     def load(self, sid: str) -> Image.Image:
         return Image.fromarray(self.images[int(sid)])
+
+    def fingerprint(self) -> str:
+        return fingerprint([("digits", self.images.shape)])  # the data ship inside scikit-learn
+
+
+def fingerprint(pairs) -> str:
+    """sha256 over (id, size) pairs, in order."""
+    digest = hashlib.sha256()
+    for sid, size in pairs:
+        digest.update(f"{sid}\0{size}\n".encode())
+    return digest.hexdigest()
 
 
 def open_source(kind: str, path: str | None, resolution: int | None, split: str = "train"):
