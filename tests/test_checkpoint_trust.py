@@ -139,3 +139,42 @@ def test_deepspeed_checkpoint_without_hashes_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"no sha256.*DeepSpeed") as e:
         load_checkpoint(path, engine)
     assert "\n" not in str(e.value) and not marker.exists()
+
+
+def _deepspeed_worker(rank: int, port: int, ckpt_dir: str, marker: str) -> None:
+    """One DeepSpeed rank: save a checkpoint, swap its model-states file for a pickle that
+    creates `marker` (the manifest's sizes updated, its hashes not), then resume."""
+    import os
+
+    from ddpm_dist.distributed import init_distributed, teardown
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = init_distributed("cpu")
+    try:
+        cfg = Config(model=TINY, engine="deepspeed")
+        cfg.train.batch_size, cfg.train.compile, cfg.train.precision = 2, "false", "fp32"
+        torch.manual_seed(0)
+        engine = build_engine(cfg, UNet(**vars(cfg.model)), torch.device("cpu"), info)
+        path = save_checkpoint(Path(ckpt_dir), 4, engine, {"data": {}}, keep_last=5, cfg=cfg)
+        states = next((path / DEEPSPEED_TAG).glob("mp_rank_00_model_states.pt"))
+        torch.save(_WritesFile(Path(marker)), states)
+        content = manifest(path)
+        content["files"][states.relative_to(path).as_posix()] = states.stat().st_size
+        (path / "manifest.json").write_text(json.dumps(content))
+        try:
+            load_checkpoint(path, engine)
+        except CheckpointError as e:
+            assert "mp_rank_00_model_states.pt does not match its sha256" in str(e), e
+        else:
+            raise AssertionError("the altered DeepSpeed checkpoint was loaded")
+    finally:
+        teardown()
+
+
+@pytest.mark.slow  # DeepSpeed's initialisation: ~20 s on 2 cores
+def test_altered_deepspeed_checkpoint_is_refused_before_deepspeed_unpickles_it(tmp_path):
+    import torch.multiprocessing as mp
+
+    from ddpm_dist.distributed import free_port
+    marker = tmp_path / "pwned"
+    mp.spawn(_deepspeed_worker, args=(free_port(), str(tmp_path / "checkpoints"), str(marker)), nprocs=1, join=True)
+    assert not marker.exists()

@@ -88,3 +88,9 @@ def test_data_layer_refuses_other_schemes():
     from ddpm_dist.data import fs
     with pytest.raises(fs.DataConfigError, match="s3a://.*local path or an s3://"):
         fs.read_bytes("s3a://bucket/index.json", retries=0, check=True)
+
+
+def test_image_sources_of_the_evaluation_tools_refuse_other_schemes():
+    from ddpm_dist.metrics.image_sources import open_images
+    with pytest.raises(ValueError, match="https:// is not supported"):
+        open_images("https://example.invalid/cifar10_train_png/")
