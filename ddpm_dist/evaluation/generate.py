@@ -151,7 +151,7 @@ def remove_broken_samples(out: str | Path, indices, shape: tuple[int, int]) -> N
 
 
 def remove_partial_files(out: str | Path) -> None:
-    """Temp files of a killed run (`.000123.png.tmp<pid>`); no writer is running now."""
+    """Temp files of a killed run (`.000123.png.tmp<pid>-<random>`); no writer is running now."""
     for tmp in Path(out).glob("*/.*.png.tmp*"):
         if is_temp_file(tmp):
             tmp.unlink(missing_ok=True)
