@@ -11,8 +11,9 @@ either is complete or does not exist: a run killed mid-write leaves a `.partial`
 resume ignores. Resume takes the newest checkpoint whose files match its manifest (sizes and
 hashes, no unlisted file) and falls back to older ones with a warning; nothing in a folder is
 unpickled before it matches. A DCP folder without hashes (an older ddpm-dist) is loaded through
-the restricted unpickler with a warning; a DeepSpeed one is refused. A save that fails (disk full, not writable) removes its `.partial` folder,
-keeps the older checkpoints and raises `CheckpointSaveError` on every rank. Random state needs no
+the restricted unpickler with a warning; a DeepSpeed one is refused. A save that fails (disk
+full, not writable) removes its `.partial` folder, keeps the older checkpoints and raises
+`CheckpointSaveError` on every rank. Random state needs no
 saving: every step seeds its own generators from (seed, step, rank), so it is a function of the
 step.
 """
@@ -161,6 +162,8 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# --- integrity: every file's sha256 recorded at save, checked before anything is unpickled ---
+
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why the checkpoint folder cannot be trusted, or None: a file of its manifest missing, of
     another size or content than its sha256, or a file the manifest does not list. A DCP folder
@@ -179,8 +182,6 @@ def checkpoint_problem(path: str | Path) -> str | None:
         return problem or _unhashed_problem(path, f"no sha256 in its {MANIFEST}")
     return _hash_problem(path, files, hashes)
 
-
-# --- integrity: every file's sha256 recorded at save, checked before anything is unpickled ---
 
 def _file_records(folder: Path) -> dict:
     """The manifest's file lists: relative path → size, and relative path → sha256."""
