@@ -16,7 +16,7 @@ import yaml
 
 from ddpm_dist.engine_registry import ENGINES
 from ddpm_dist.utils.files import atomic_write
-from ddpm_dist.utils.urls import credentials_error
+from ddpm_dist.utils.urls import control_character_error, endpoint_error, location_error
 
 
 class ConfigError(ValueError):
@@ -247,11 +247,22 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def _check_urls(cfg: Config) -> None:
-    """URLs are saved with the run and show in errors: no credentials inside them."""
-    for key, url in (("data.source", cfg.data.source), ("data.s3_endpoint", cfg.data.s3_endpoint)):
-        message = credentials_error(url, key)
-        if message:
-            raise ConfigError(message)
+    """URLs are saved with the run and show in errors: no credentials inside them; only the
+    schemes the data layer honours with all of its settings; no control characters anywhere."""
+    message = location_error(cfg.data.source, "data.source") or \
+        endpoint_error(cfg.data.s3_endpoint, "data.s3_endpoint") or _control_characters(config_to_dict(cfg))
+    if message:
+        raise ConfigError(message)
+
+
+def _control_characters(data, key: str = "") -> str | None:
+    """The first string setting holding a control character (it would reach file names and
+    job scripts), as one line."""
+    if isinstance(data, dict):
+        return next(filter(None, (_control_characters(v, f"{key}{k}.") for k, v in data.items())), None)
+    if isinstance(data, (list, tuple)):
+        return next(filter(None, (_control_characters(v, key) for v in data)), None)
+    return control_character_error(data, key.rstrip(".")) if isinstance(data, str) else None
 
 
 def _check_model(cfg: Config) -> None:

@@ -1,6 +1,7 @@
 """Checkpoints under faults, with real files and real processes: a crafted `.metadata` runs no
 code, a damaged newest checkpoint falls back to the previous one, a failed save keeps the older
 ones and exits 5, the NaN guard keeps the good checkpoints, a rejected run keeps config.yaml."""
+import hashlib
 import json
 import pickle
 import subprocess
@@ -28,13 +29,14 @@ class _WritesFile:
 
 def craft_metadata(step_dir: Path, marker: Path) -> None:
     """Replace `.metadata` by a pickle that writes `marker`, and make the manifest (if any) agree,
-    as an attacker who controls the folder would."""
+    sizes and hashes, as an attacker who controls the folder would."""
     data = pickle.dumps(_WritesFile(marker))
     (step_dir / ".metadata").write_bytes(data)
     manifest = step_dir / "manifest.json"
     if manifest.is_file():
         content = json.loads(manifest.read_text())
         content["files"][".metadata"] = len(data)
+        content["sha256"][".metadata"] = hashlib.sha256(data).hexdigest()
         manifest.write_text(json.dumps(content))
 
 

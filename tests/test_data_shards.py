@@ -86,6 +86,26 @@ def test_cifar10_python_batches(tmp_path):
     assert len(pixels) == 20 and first in pixels  # lossless PNG round trip
 
 
+class _WritesFile:
+    """Unpickling this creates a file: the payload a crafted CIFAR-10 batch could carry."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_cifar10_batch_that_names_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 0], b"filenames": [b"a", _WritesFile(marker)]}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    r = make_shards("--source", "cifar10", "--input", str(tmp_path), "--out", str(tmp_path / "out"))
+    err = r.stderr.strip()
+    assert r.returncode != 0 and "\n" not in err and "data_batch_1" in err and "open" in err and "refused" in err, err
+    assert not marker.exists()
+
+
 def batch_image(path: Path, i: int) -> bytes:
     data = pickle.loads(path.read_bytes())[b"data"][i]
     return data.reshape(3, 32, 32).transpose(1, 2, 0).tobytes()
@@ -202,17 +222,18 @@ def test_encoding_reads_ahead_a_bounded_number_of_samples():
     stream.close()
 
 
-def test_shards_are_0644_whatever_the_umask_and_stale_temp_files_go(tmp_path):
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644)])
+def test_shards_follow_the_umask_and_stale_temp_files_go(tmp_path, umask, mode):
     out = tmp_path / "out"
     out.mkdir()
     stale = out / ".shard-000000.tar.tmp99999999"
     stale.write_bytes(b"left by a killed run")
     cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--no-progress", "--source", "digits",
            "--resolution", "8", "--max-samples", "1000", "--workers", "1", "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(0o077))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(umask))
     assert r.returncode == 0, r.stderr
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == \
-        {"shard-000000.tar": 0o644, "shard-000001.tar": 0o644, "index.json": 0o644}
+        {"shard-000000.tar": mode, "shard-000001.tar": mode, "index.json": mode}
 
 
 def _lsun_without_data(tmp_path) -> list[str]:
@@ -255,7 +276,32 @@ def test_symlinks_out_of_the_input_folder_are_refused(tmp_path):
     assert not (tmp_path / "out" / "index.json").exists()
 
 
-def test_help_says_cifar10_input_is_pickle():
+def test_help_says_cifar10_input_is_read_safely():
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--help"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "pickle" in r.stdout and "trust" in r.stdout
+    assert r.returncode == 0 and "pickle" in r.stdout and "numpy arrays only" in r.stdout
+
+
+def test_rerun_on_other_images_with_the_same_folder_name_rewrites_every_shard(tmp_path):
+    """Resume is keyed on the content (ids and sizes), not on the input folder's name."""
+    unique_image_folder(tmp_path / "v1" / "imgs", 12)
+    unique_image_folder(tmp_path / "v2" / "imgs", 20)
+    out = tmp_path / "out"
+    for version in ("v1", "v2"):
+        r = make_shards("--source", "folder", "--input", str(tmp_path / version / "imgs"), "--out", str(out),
+                        "--resolution", "8", "--max-samples", "4", "--workers", "1")
+        assert r.returncode == 0, r.stderr
+    assert "keeping" not in r.stderr, r.stderr
+    ids = [sid for _, sid, _ in webdataset_samples(str(out))]
+    assert sorted(ids) == sorted(f"{'ab'[i % 2]}/img{i}.png" for i in range(20))
+
+
+def test_rerun_after_an_image_changed_size_rewrites_from_scratch(tmp_path):
+    unique_image_folder(tmp_path / "imgs", 8)
+    args = ["--source", "folder", "--input", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
+            "--resolution", "8", "--max-samples", "4", "--workers", "1"]
+    assert make_shards(*args).returncode == 0
+    assert "keeping 2 verified shards" in make_shards(*args).stderr  # unchanged: kept
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "imgs" / "a" / "img0.png")
+    r = make_shards(*args)
+    assert r.returncode == 0 and "keeping" not in r.stderr, r.stderr

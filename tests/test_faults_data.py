@@ -152,3 +152,27 @@ def test_shard_names_escaping_the_folder_are_refused_at_start_up(tmp_path, name)
         with pytest.raises(DataConfigError, match="outside the data folder") as info:
             start()
         assert repr(name) in str(info.value) and "\n" not in str(info.value)
+
+
+def _huge_png(side: int) -> bytes:
+    """A few hundred KB of PNG whose header says side² pixels (one colour compresses well)."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_an_image_far_larger_than_the_resolution_is_skipped_before_decoding(tmp_path, caplog):
+    from ddpm_dist.data.stream import decode
+    huge = _huge_png(9500)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="9500x9500"):
+        decode(huge, 8)
+    assert time.perf_counter() - started < 0.5  # the header only: decoding it takes seconds and 600 MB
+    folder = tmp_path / "s"
+    write_noise_shards(folder, n=200, max_samples=10)
+    name = _replace_shard(folder, 0, [_png(k) for k in range(9)] + [huge])
+    s = stream_for(str(folder), batch=5)
+    with caplog.at_level(logging.WARNING):
+        assert _drain(s, s.batches_per_epoch) == s.batches_per_epoch
+    assert s.skipped == 1
+    assert any(name in r.getMessage() and "1 corrupt sample" in r.getMessage() for r in caplog.records)

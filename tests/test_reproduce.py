@@ -132,3 +132,14 @@ def test_a_wrong_setting_is_one_line_before_anything_is_submitted(args, message)
     assert proc.returncode == 2 and proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"reproduce: error: {message}"), line
+
+
+def test_requires_python_admits_only_pythons_with_tarfile_filters():
+    """prepare extracts CIFAR-10 with `extractall(filter="data")`: 3.10.12+, 3.11.4+, 3.12+."""
+    import re
+
+    from packaging.specifiers import SpecifierSet
+    line = re.search(r'^requires-python = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)
+    spec = SpecifierSet(line.group(1))
+    assert [v for v in ("3.10.11", "3.11.0", "3.11.3") if v in spec] == []
+    assert all(v in spec for v in ("3.10.12", "3.11.4", "3.12.0", "3.13.1"))

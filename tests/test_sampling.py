@@ -442,3 +442,18 @@ def test_the_manifest_records_compile_and_a_folder_from_before_the_record_resume
     _sample_here(model_file, out, "--num-samples", N + 2, "--compile", "true")
     assert json.loads((out / "manifest.json").read_text())["compiled"] == [False, True]
     assert json.loads((out / "result.json").read_text())["runs"][0]["generated"] == 1
+
+
+def test_overwrite_removes_only_what_sampling_wrote(tmp_path):
+    from ddpm_dist.evaluation.generate import clear_samples, npz_path, sample_path
+    ours = [sample_path(tmp_path, i) for i in (0, 999, 1000)] + [npz_path(tmp_path, 2, 8, 8), tmp_path / "result.json"]
+    theirs = [tmp_path / "202401" / "thesis_results.csv", tmp_path / "000000" / "notes.txt",
+              tmp_path / "000001" / "000999.png",  # a PNG name that is not ours in that folder
+              tmp_path / "samples_backup.npz", tmp_path / "paper.pdf"]
+    for path in ours + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    clear_samples(tmp_path)
+    assert [p for p in ours if p.exists()] == []
+    assert all(p.read_bytes() == b"x" for p in theirs)
+    assert not (tmp_path / "001000").exists()  # emptied sample folders go

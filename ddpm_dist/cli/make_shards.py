@@ -7,8 +7,8 @@
 
 S3 endpoint and credentials come from the AWS environment (AWS_ENDPOINT_URL, ...) or
 --s3-endpoint. A rerun with the same options skips shards already written and verified.
-CIFAR-10's python batches are pickle files, and loading a pickle can run code: convert only
-a download you trust (check the archive's md5 against the CIFAR-10 page).
+CIFAR-10's python batches are pickle files; they are read with an unpickler that admits numpy
+arrays only, so a batch that names anything else is refused, not run.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import sys
 
 from ddpm_dist.data.convert import convert_source
 from ddpm_dist.data.fs import DataError
-from ddpm_dist.utils.urls import credentials_error
+from ddpm_dist.utils.urls import endpoint_error, location_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="cifar10: the python batches are pickle files; loading a pickle "
-                                       "can run code, so convert only a download you trust.")
+                                epilog="cifar10: the python batches are pickle files, read with an unpickler that "
+                                       "admits numpy arrays only: a batch naming anything else is refused.")
     p.add_argument("--source", required=True, choices=["folder", "cifar10", "lsun", "digits"])
     p.add_argument("--input", help="folder / cifar-10-batches-py / *_lmdb folder")
     p.add_argument("--split", default="train", choices=["train", "test"], help="cifar10: which split")
@@ -45,10 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """Raise ValueError (one line) for settings no run can use."""
-    for flag, url in (("--out", args.out), ("--s3-endpoint", args.s3_endpoint)):
-        message = credentials_error(url, flag)
-        if message:
-            raise ValueError(message)
+    message = location_error(args.out, "--out") or endpoint_error(args.s3_endpoint, "--s3-endpoint")
+    if message:
+        raise ValueError(message)
     for flag, value, least in (("--max-samples", args.max_samples, 1), ("--max-bytes", args.max_bytes, 1),
                                ("--workers", args.workers, 0), ("--resolution", args.resolution or 1, 1)):
         if value < least:

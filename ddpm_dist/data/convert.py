@@ -4,11 +4,12 @@ shard writing is here, as all reading is in data/shards.py (which also describes
 Samples are shuffled once with a seed, encoded in worker processes (at most READ_AHEAD chunks
 per worker in flight, so memory stays bounded; a worker that dies stops the run with a
 DataError), packed into shards in order, and each shard is written whole (fsynced temp file +
-rename, mode 0644, or one S3 PUT); tars are written deterministically (fixed mtime/owner), so
-the same input gives the same bytes. index.json is
+rename, mode from the user's umask, or one S3 PUT); tars are written deterministically (fixed
+mtime/owner), so the same input gives the same bytes. index.json is
 rewritten after every shard with `complete: false`, and with `complete: true` at the end, so
 an interrupted run can be resumed: a rerun with the same parameters keeps the shards that
-exist with the recorded checksum and re-encodes only from the first missing or bad one.
+exist with the recorded checksum and re-encodes only from the first missing or bad one; other
+parameters or other input content (ids and sizes, see `sources.fingerprint`) rewrite every shard.
 """
 from __future__ import annotations
 
@@ -184,9 +185,10 @@ def convert_source(kind: str, input_path: str | None, out: str, *, resolution: i
                    **options) -> dict:
     """Shards of a source (`open_source` kinds) under `out`: `make_shards` with the params that
     determine the bytes, which a rerun compares to skip verified shards. `options` go to
-    make_shards (max_samples, workers, endpoint, progress, ...)."""
+    make_shards (max_samples, workers, endpoint, progress, ...). The source's content
+    fingerprint (ids and sizes), not its path, tells a rerun whether old shards are its own."""
     source = open_source(kind, input_path, resolution, split)
-    params = {"source": kind, "input": os.path.basename(os.path.normpath(input_path or "")),
+    params = {"source": kind, "content": source.fingerprint(),
               "resolution": resolution or _native_resolution(source), "format": image_format,
               "quality": quality, "seed": seed,
               **({"split": split} if split != "train" else {})}  # train sets keep their old params

@@ -30,6 +30,7 @@ import threading
 import fsspec
 
 from ddpm_dist.utils.files import atomic_path, is_temp_file
+from ddpm_dist.utils.urls import location_error
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,17 @@ def _redact(text: str) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
+def check_location(url: str) -> None:
+    """A DataConfigError unless `url` is a local path or an s3:// URL: another scheme would reach
+    fsspec without our endpoint, timeouts and retry cap, or be written as a local folder."""
+    message = location_error(url, "data location")
+    if message:
+        raise DataConfigError(message)
+
+
 def filesystem(url: str, endpoint: str | None = None):
     """(fs, path) for a URL; s3 clients fail fast on connect so a wrong endpoint shows in seconds."""
+    check_location(url)
     options = {}
     if url.startswith("s3://"):
         options = {"config_kwargs": {"connect_timeout": 3, "read_timeout": 20,
@@ -100,6 +110,7 @@ def read_bytes(url: str, *, endpoint: str | None = None, retries: int = 5, wait:
 
     Setting `cancel` ends the retries at the next backoff wait with a DataReadError.
     """
+    check_location(url)  # before the retries: no retry fixes it
     attempt = 0
     while True:
         try:
@@ -149,8 +160,8 @@ def _refused(exc: Exception) -> bool:
 
 
 def write_bytes(url: str, data: bytes, *, endpoint: str | None = None) -> None:
-    """Atomic write: a local temp file, fsynced, mode 0644 (readable by the training jobs of
-    other users whatever the umask), renamed into place; or uploaded whole to S3."""
+    """Atomic write: a local temp file (mode from the user's umask), fsynced, renamed into
+    place; or uploaded whole to S3."""
     fs, path = filesystem(url, endpoint)
     if url.startswith("s3://"):
         fs.pipe_file(path, data)  # an S3 PUT is atomic: readers see the old object or the new
@@ -158,7 +169,6 @@ def write_bytes(url: str, data: bytes, *, endpoint: str | None = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
 
 
 def remove_temp_files(url: str) -> None:

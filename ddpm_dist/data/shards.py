@@ -85,11 +85,21 @@ def read_images(data: bytes, shard: str) -> tuple[list[tuple[str, bytes]], int]:
 PIL_MODES = {1: "L", 3: "RGB"}  # model channels → the PIL mode images are decoded to
 
 
+def max_side(resolution: int) -> int:
+    """The largest image side decoded for a `resolution` model: 8× it, at least 1024. A small
+    file can claim a huge image (a one-colour 9500² PNG is 285 KB and decodes to 270 MB)."""
+    return max(8 * resolution, 1024)
+
+
 def decode(data: bytes, resolution: int, channels: int = 3) -> np.ndarray:
     """Image bytes → uint8 [R, R, channels]; other sizes are centre-cropped and resized.
-    channels=1 converts to grey with PIL's "L" (ITU-R 601-2 luma)."""
+    channels=1 converts to grey with PIL's "L" (ITU-R 601-2 luma). An image whose header
+    claims a side over `max_side` raises ValueError before any pixel is decoded."""
     mode = PIL_MODES[channels]
-    with Image.open(io.BytesIO(data)) as img:
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        if max(img.size) > max_side(resolution):
+            raise ValueError(f"a {img.size[0]}x{img.size[1]} image, over the {max_side(resolution)}-pixel side "
+                             f"decoded for resolution {resolution}")
         if img.mode != mode:
             img = img.convert(mode)
         if img.size != (resolution, resolution):

@@ -1,12 +1,14 @@
 """Image sources that tools/make_shards.py converts: an image folder, the CIFAR-10 python
 batches, LSUN's lmdb databases, the embedded digits.
 
-A source lists its sample ids up front (so they can be shuffled with a seed) and loads one
-image by id. Loading happens in worker processes; lmdb handles are opened lazily per process
+A source lists its sample ids up front (so they can be shuffled with a seed), loads one image
+by id, and names its content with a `fingerprint` (ids and sizes): make_shards resumes only
+over shards written from the same content, whatever the input folder is called. Loading happens in worker processes; lmdb handles are opened lazily per process
 because an lmdb environment must not cross a fork.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ddpm_dist.utils.pickles import NumpyUnpickler, RefusedPickleError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -40,11 +44,15 @@ class FolderSource:
         with Image.open(self.root / sid) as img:
             return img.convert("RGB")
 
+    def fingerprint(self) -> str:
+        return fingerprint((sid, (self.root / sid).stat().st_size) for sid in self.ids())
+
 
 class Cifar10Source:
     """A split of the CIFAR-10 python version: train is data_batch_1..5, test is test_batch
-    (pickled dicts). The format is pickle, and unpickling a file can run code: convert only a
-    download you trust (its sha256 is checked by `ddpm_dist.reproduce.datasets`)."""
+    (pickled dicts). They are read with an unpickler that admits numpy arrays and dtypes only, so
+    a crafted batch is refused instead of running code (the official archive's sha256 is also
+    checked by `ddpm_dist.reproduce.datasets`)."""
 
     SPLITS = {"train": "data_batch_*", "test": "test_batch"}
 
@@ -58,16 +66,28 @@ class Cifar10Source:
 
     @staticmethod
     def _read(path: Path) -> tuple[np.ndarray, list[str]]:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in d[b"filenames"]]
-        return np.asarray(d[b"data"], dtype=np.uint8), names
+        try:
+            with open(path, "rb") as f:
+                d = NumpyUnpickler(f, path, encoding="bytes").load()
+        except RefusedPickleError as e:
+            raise ValueError(str(e)) from None
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+        data, names = d.get(b"data") if isinstance(d, dict) else None, d.get(b"filenames") if isinstance(d, dict) else None
+        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or \
+                not isinstance(names, list) or len(names) != len(data):
+            raise ValueError(f"{path}: not a CIFAR-10 python batch (a dict with 'data' [N, 3072] and N 'filenames')")
+        return data.astype(np.uint8, copy=False), [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
     def ids(self) -> list[str]:
         return [str(i) for i in range(len(self.data))]
 
     def load(self, sid: str) -> Image.Image:
         return Image.fromarray(self.data[int(sid)].reshape(3, 32, 32).transpose(1, 2, 0))
+
+    def fingerprint(self) -> str:
+        """The pixels themselves (150 MB hash in well under a second) and the file names."""
+        return fingerprint([("pixels", hashlib.sha256(self.data.tobytes()).hexdigest()), *enumerate(self.names)])
 
 
 class LsunSource:
@@ -97,6 +117,11 @@ class LsunSource:
         with lmdb.open(self.root, readonly=True, lock=False) as env, env.begin() as txn:
             return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
 
+    def fingerprint(self) -> str:
+        """The keys and the database's size: each record's size would mean reading every image."""
+        return fingerprint([("data.mdb", os.path.getsize(os.path.join(self.root, "data.mdb"))),
+                            *((sid, "") for sid in self.ids())])
+
     def load(self, sid: str) -> Image.Image:
         with self._open().begin() as txn:
             data = txn.get(sid.encode())
@@ -117,6 +142,17 @@ class DigitsSource:
 
     def load(self, sid: str) -> Image.Image:
         return Image.fromarray(self.images[int(sid)])
+
+    def fingerprint(self) -> str:
+        return fingerprint([("digits", self.images.shape)])  # the data ship inside scikit-learn
+
+
+def fingerprint(pairs) -> str:
+    """sha256 over (id, size) pairs, in order."""
+    digest = hashlib.sha256()
+    for sid, size in pairs:
+        digest.update(f"{sid}\0{size}\n".encode())
+    return digest.hexdigest()
 
 
 def open_source(kind: str, path: str | None, resolution: int | None, split: str = "train"):

@@ -102,14 +102,31 @@ def check_output(out: str | Path, job: SampleJob) -> None:
         raise ValueError(f"{why}; use another --out or --overwrite (deletes its samples)")
 
 
-_OUTPUTS = re.compile(r"^(\d{6}|samples_.*\.npz|result\.json|inception_stats\.npz|manifest\.json)$")
+_SAMPLE_FOLDER = re.compile(r"^\d{6}$")
+_OWN_FILES = re.compile(r"^(samples_\d+x\d+x\d+x3\.npz|result\.json|inception_stats\.npz|manifest\.json)$")
 
 
 def clear_samples(out: str | Path) -> None:
-    """Delete what sampling writes into `out` (PNG folders, npz, JSON); other files stay."""
+    """Delete what sampling writes into `out`, by its exact names (sample PNGs in their
+    thousands folders, the npz, JSON and statistics); every other file stays, even in a
+    six-digit folder."""
     for entry in Path(out).iterdir():
-        if _OUTPUTS.match(entry.name):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if entry.is_dir() and not entry.is_symlink() and _SAMPLE_FOLDER.match(entry.name):
+            _clear_sample_folder(entry)
+        elif entry.is_file() and not entry.is_symlink() and _OWN_FILES.match(entry.name):
+            entry.unlink()
+
+
+def _clear_sample_folder(folder: Path) -> None:
+    """The PNGs `sample_path` puts in this folder and our temp files; then the folder if empty."""
+    first = int(folder.name)
+    for entry in folder.iterdir():
+        index = entry.name[:-4] if entry.name.endswith(".png") else ""
+        own = index.isdigit() and len(index) == 6 and first <= int(index) < first + 1000 and first % 1000 == 0
+        if entry.is_file() and not entry.is_symlink() and (own or is_temp_file(entry)):
+            entry.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def prepare_output(job: SampleJob, compiled: bool) -> None:
@@ -161,8 +178,8 @@ def parts_path(npz: Path) -> Path:
 
 
 def remove_partial_files(out: str | Path) -> None:
-    """Temp files of a killed run (`.000123.png.tmp<pid>`, an unfinished npz); no writer is
-    running now."""
+    """Temp files of a killed run (`.000123.png.tmp<pid>-<random>`, an unfinished npz); no
+    writer is running now."""
     for tmp in Path(out).glob("*/.*.png.tmp*"):
         if is_temp_file(tmp):
             tmp.unlink(missing_ok=True)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddpm_dist.utils.urls import control_character_error
+
 
 @dataclass(frozen=True)
 class JobResources:
@@ -21,6 +23,16 @@ class JobResources:
     name: str = "ddpm"
 
 
+def _check_script_text(folder: str | Path, res: JobResources) -> None:
+    """What submitit writes into the job script: a newline there would end a `#SBATCH` line and
+    start a shell command."""
+    for setting, value in (("the job folder", str(folder)), ("the job name", res.name),
+                           ("the partition", res.partition), ("the account", res.account)):
+        message = control_character_error(value, setting)
+        if message:
+            raise ValueError(message)
+
+
 def make_executor(folder: str | Path, res: JobResources, *, local: bool = False, requeue: bool = False,
                   signal_delay_s: int | None = None, max_requeues: int | None = None,
                   after: Sequence[str] = ()):
@@ -30,6 +42,7 @@ def make_executor(folder: str | Path, res: JobResources, *, local: bool = False,
     `after`: job ids that must all succeed first (afterok); if one fails, Slurm cancels this
     job instead of keeping it pending forever."""
     import submitit  # optional: only launching through Slurm/submitit needs it
+    _check_script_text(folder, res)
     options = {} if max_requeues is None else {"slurm_max_num_timeout": max_requeues}
     executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None, **options)
     params = dict(nodes=res.nodes, tasks_per_node=res.tasks_per_node, cpus_per_task=res.cpus_per_task,

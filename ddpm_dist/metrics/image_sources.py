@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddpm_dist.utils.urls import location_error
+
 # pytorch-fid's extensions.
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -93,7 +95,10 @@ def load_npz_images(path) -> ArrayImages:
 
 def open_images(path):
     """The image source behind a path: shards (s3:// or a folder with index.json), an image
-    folder, or an .npz holding arr_0."""
+    folder, or an .npz holding arr_0. Another URL scheme is refused: it would be read as a folder."""
+    message = location_error(str(path), "the image source")
+    if message:
+        raise ValueError(message)
     if str(path).startswith("s3://") or (Path(path) / "index.json").is_file():
         return ShardImages(str(path))
     path = Path(path)

@@ -4,14 +4,16 @@ rotated, checked.
 Layout: `<out_dir>/checkpoints/step_00005000/` holds the engine's state as the engine writes it
 (`Engine.save`: DCP shards for single/ddp/fsdp, which load on any world size; DeepSpeed's own
 format under `deepspeed/`), one `rank<r>.json` per rank (the data-stream position), the run's
-`config.yaml` and, written last, `manifest.json` (every other file's relative path and size).
+`config.yaml` and, written last, `manifest.json` (every other file's relative path, size and sha256).
 Every rank writes into `step_N.partial/` and fsyncs what it wrote; after a barrier rank 0 writes
 the manifest and renames the folder to `step_N/`. A rename is atomic, so a checkpoint folder
 either is complete or does not exist: a run killed mid-write leaves a `.partial` folder that
-resume ignores. Resume takes the newest checkpoint whose files match its manifest and falls back
-to older ones with a warning; a folder without a manifest (written before manifests existed) is
-loaded unverified. A save that fails (disk full, not writable) removes its `.partial` folder,
-keeps the older checkpoints and raises `CheckpointSaveError` on every rank. Random state needs no
+resume ignores. Resume takes the newest checkpoint whose files match its manifest (sizes and
+hashes, no unlisted file) and falls back to older ones with a warning; nothing in a folder is
+unpickled before it matches. A DCP folder without hashes (an older ddpm-dist) is loaded through
+the restricted unpickler with a warning; a DeepSpeed one is refused. A save that fails (disk
+full, not writable) removes its `.partial` folder, keeps the older checkpoints and raises
+`CheckpointSaveError` on every rank. Random state needs no
 saving: every step seeds its own generators from (seed, step, rank), so it is a function of the
 step.
 """
@@ -30,6 +32,7 @@ from ddpm_dist.distributed import any_flag, barrier
 from ddpm_dist.engine_registry import CHECKPOINT_FORMATS, engines_writing
 from ddpm_dist.training.engines import Engine, checkpoint_format
 from ddpm_dist.training.engines.dcp_files import UnsafeCheckpointError
+from ddpm_dist.utils.download import file_sha256
 from ddpm_dist.utils.files import atomic_write, fsync_dir
 from ddpm_dist.utils.logs import log
 
@@ -115,8 +118,7 @@ def _publish(partial: Path, final: Path, step: int) -> None:
     """Rank 0, after every rank wrote its part: manifest last, then the rename."""
     for folder in (partial, *(p for p in partial.rglob("*") if p.is_dir())):
         fsync_dir(folder)  # the entries of files written without atomic_write (DCP, DeepSpeed)
-    files = {p.relative_to(partial).as_posix(): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-    _write_json(partial / MANIFEST, {"step": step, "files": files})
+    _write_json(partial / MANIFEST, {"step": step, **_file_records(partial)})
     if final.exists():  # the same step saved again (a stop request right after a save)
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -162,23 +164,83 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# --- integrity: every file's sha256 recorded at save, checked before anything is unpickled ---
+
 def checkpoint_problem(path: str | Path) -> str | None:
-    """Why the checkpoint folder is not complete (a file of its manifest missing or of another
-    size), or None. A folder without a manifest predates manifests and is not checked."""
+    """Why the checkpoint folder cannot be trusted, or None: a file of its manifest missing, of
+    another size or content than its sha256, or a file the manifest does not list. A DCP folder
+    without a manifest or without hashes (an older ddpm-dist) passes unverified: its loader admits
+    no code (see `dcp_files`). A DeepSpeed folder must have them: DeepSpeed unpickles anything."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
-        return None
+        return _unhashed_problem(path, f"no {MANIFEST}")
     try:
-        files = _read_json(path / MANIFEST)["files"]
-    except (CheckpointError, KeyError, TypeError) as e:
+        manifest = _read_json(path / MANIFEST)
+        files, hashes = manifest["files"], manifest.get("sha256")
+        problem = _listing_problem(path, files)
+    except (CheckpointError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable {MANIFEST} ({e})"
+    if problem is not None or hashes is None:
+        return problem or _unhashed_problem(path, f"no sha256 in its {MANIFEST}")
+    return _hash_problem(path, files, hashes)
+
+
+def _file_records(folder: Path) -> dict:
+    """The manifest's file lists: relative path → size, and relative path → sha256."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    names = [p.relative_to(folder).as_posix() for p in files]
+    return {"files": {n: p.stat().st_size for n, p in zip(names, files)},
+            "sha256": {n: file_sha256(p) for n, p in zip(names, files)}}
+
+
+def _listing_problem(path: Path, files: dict) -> str | None:
+    """A listed file that is missing, of another size or outside the folder; an unlisted file."""
     for name, size in files.items():
         file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{MANIFEST} names {name!r}, outside the checkpoint folder"
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+    for file in sorted(path.rglob("*")):
+        name = file.relative_to(path).as_posix()
+        if file.is_symlink():
+            return f"{name} is a symbolic link; a checkpoint holds only the files it wrote"
+        if not file.is_dir() and name != MANIFEST and name not in files:
+            return f"{name} is not listed in {MANIFEST} (added after the save); remove it or pick another checkpoint"
     return None
+
+
+def _hash_problem(path: Path, files: dict, hashes: dict) -> str | None:
+    """The first file whose content differs from the sha256 recorded at save time. A folder seen
+    unchanged (same sizes and mtimes) since it verified in this process is not read again, so a
+    resume that picks a checkpoint and then loads it hashes it once."""
+    fingerprint = _fingerprint(path, files)
+    if _VERIFIED.get(path.resolve()) == fingerprint:
+        return None
+    for name in files:
+        if hashes.get(name) != file_sha256(path / name):
+            return f"{name} does not match its sha256 in {MANIFEST} (altered or damaged since the save)"
+    _VERIFIED[path.resolve()] = fingerprint
+    return None
+
+
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _fingerprint(path: Path, files: dict) -> tuple:
+    stats = [(path / name).stat() for name in files]
+    return tuple((name, s.st_size, s.st_mtime_ns, s.st_ino) for name, s in zip(files, stats))
+
+
+def _unhashed_problem(path: Path, missing: str) -> str | None:
+    """Checkpoints written before manifests recorded hashes: DCP ones load (restricted unpickler,
+    weights_only, storage paths confined to the folder); DeepSpeed ones are refused."""
+    if checkpoint_format(path) != "deepspeed":
+        return None
+    return (f"{missing} (written by an older ddpm-dist), and DeepSpeed's loader runs code from its files: "
+            f"only a checkpoint whose hashes match is loaded; resume from a newer checkpoint or a new out_dir")
 
 
 def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -189,8 +251,7 @@ def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
     for path in reversed(found):
         problem = checkpoint_problem(path)
         if problem is None:
-            if not (path / MANIFEST).is_file():
-                log.warning(f"{path} has no {MANIFEST} (written before manifests existed): loading it unverified")
+            _warn_if_unhashed(path)
             return path
         log.warning(f"skipping checkpoint {path}: {problem}; trying the previous one")
         problems.append(f"{path.name}: {problem}")
@@ -209,6 +270,12 @@ def find_checkpoint(path: Path) -> Path:
         if found is not None:
             return found
     raise CheckpointError(f"{path}: no complete checkpoint (step_XXXXXXXX/ with {DCP_METADATA}) here")
+
+
+def _warn_if_unhashed(path: Path) -> None:
+    if not (path / MANIFEST).is_file() or "sha256" not in _read_json(path / MANIFEST):
+        log.warning(f"{path} has no file hashes (written by an older ddpm-dist): loading it unverified, "
+                    f"through the restricted DCP unpickler")
 
 
 def checkpoint_config(path: str | Path) -> Config:

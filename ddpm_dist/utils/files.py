@@ -4,22 +4,29 @@ Every file the project writes for later use (configs, checkpoints' JSON, model f
 PNGs, result JSON, downloads) goes through `atomic_path`: write under a temp name beside the
 target, fsync it, rename it over the target, fsync the folder. A reader, or a run killed at any
 moment, sees the old file or the new one, never half of one. Temp names are
-`.<name>.tmp<pid>`, so a cleaner can find what a killed writer left (`is_temp_file`).
+`.<name>.tmp<pid>-<16 random hex digits>`, so a cleaner can find what a killed writer left
+(`is_temp_file`) and no one can guess one in advance; the temp file is created exclusively
+(O_EXCL, O_NOFOLLOW: a file or symlink planted at that name is never written through) with
+mode 0666 less the user's umask.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-_TEMP_NAME = re.compile(r"^\..+\.tmp\d+$")
+_TEMP_NAME = re.compile(r"^\..+\.tmp\d+(-[0-9a-f]{16})?$")  # without the suffix: older versions' names
 
 
 def temp_path(path: str | Path) -> Path:
+    """A new, empty temp file beside `path`, created exclusively under an unpredictable name."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(8)}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+    return tmp
 
 
 def is_temp_file(path: str | Path) -> bool:

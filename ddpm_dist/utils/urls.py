@@ -1,10 +1,20 @@
-"""Credentials stay out of URLs: a URL is written to configs, checkpoints, logs and errors.
+"""Paths and URLs a user gives: only what is honoured, nothing that could become code.
 
 `credentials_error` finds a user name or password in the authority part of a URL
 (`s3://KEY:SECRET@bucket/...`, `http://user:password@host:9000`) and returns one line that
-names the setting and says where credentials go instead; the line never quotes the URL.
+names the setting and says where credentials go instead; the line never quotes the URL (a URL
+is written to configs, checkpoints, logs and errors). `location_error` accepts a local path or
+an `s3://` URL, the two the data layer gives every setting (endpoint, timeouts, retry cap);
+`endpoint_error` an http(s) endpoint. `control_character_error` refuses a newline or any other
+control character: a path ends up in job scripts (where a newline ends a `#SBATCH` line and
+starts a command) and in file names.
 """
 from __future__ import annotations
+
+import re
+import unicodedata
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 ENVIRONMENT = ("put credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
                "or a profile (AWS_PROFILE), not in the URL")
@@ -35,3 +45,33 @@ def credentials_error(url: str | None, setting: str) -> str | None:
     if url and has_credentials(url):
         return f"{setting}: the URL holds credentials; {ENVIRONMENT}"
     return None
+
+
+def control_character_error(text: str | None, setting: str) -> str | None:
+    """One line for a value holding a control character (newline, CR, escape, ...), else None."""
+    bad = next((c for c in text or "" if unicodedata.category(c) == "Cc"), None)
+    if bad is None:
+        return None
+    return f"{setting}: holds the control character {bad!r}; paths and names must be printable text"
+
+
+def location_error(url: str | None, setting: str) -> str | None:
+    """One line unless `url` is a local path or an s3:// URL (credentials and control characters
+    are refused too). A leading `word:` is taken for a scheme: `./a:b` names such a folder."""
+    error = credentials_error(url, setting) or control_character_error(url, setting)
+    if error or not url:
+        return error
+    scheme = _SCHEME.match(url)
+    if scheme is None or url.startswith("s3://"):
+        return None
+    shown = scheme.group(0) + ("//" if url[scheme.end():].startswith("//") else "")
+    return (f"{setting}: {shown} is not supported; give a local path or an s3://bucket/prefix "
+            f"URL (other S3-compatible stores: s3:// with an endpoint setting)")
+
+
+def endpoint_error(url: str | None, setting: str) -> str | None:
+    """One line unless `url` is None or an http(s)://host[:port] endpoint."""
+    error = credentials_error(url, setting) or control_character_error(url, setting)
+    if error or not url or re.match(r"^https?://[^/]", url):
+        return error
+    return f"{setting}: must be an http:// or https:// endpoint (e.g. http://minio:9000)"

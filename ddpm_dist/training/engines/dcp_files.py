@@ -5,13 +5,13 @@ unpickles them on load: a crafted checkpoint folder could run code. `SafeFileSys
 `.metadata` with an unpickler that admits only what torch 2.13 writes there: the classes of
 `torch.distributed.checkpoint.metadata`, DCP's `_StorageInfo`, `torch.Size`, dtypes, the layout
 lookup, and the `PosixPath` DCP stores as the checkpoint id; containers and numbers are pickle
-opcodes, not globals. `SafeLoadPlanner` loads the non-tensor values with `weights_only=True`.
+opcodes, not globals. The tensor files it names must lie inside the checkpoint folder. `SafeLoadPlanner` loads the non-tensor values with `weights_only=True`.
 Tensors DCP already loads with `weights_only=True`.
 """
 from __future__ import annotations
 
 import io
-import pickle
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
+
+from ddpm_dist.utils.pickles import RefusedPickleError, RestrictedUnpickler
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 ALLOWED_GLOBALS = frozenset({
@@ -34,21 +36,17 @@ ALLOWED_GLOBALS = frozenset({
 })
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(RefusedPickleError):
     """A checkpoint file asks to load something other than checkpoint data."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
+class _MetadataUnpickler(RestrictedUnpickler):
+    what = "DCP checkpoint metadata"
+    error = UnsafeCheckpointError
 
-    def find_class(self, module: str, name: str) -> Any:
+    def allowed(self, module: str, name: str) -> bool:
         is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if (module, name) in ALLOWED_GLOBALS or is_dtype:
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(f"{self.path} refused: it names {module}.{name}, which is not DCP "
-                                    f"checkpoint metadata (load checkpoints only from sources you trust)")
+        return (module, name) in ALLOWED_GLOBALS or is_dtype
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -60,10 +58,22 @@ class SafeFileSystemReader(FileSystemReader):
             metadata = _MetadataUnpickler(f, path).load()
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpointError(f"{path} refused: it holds a {type(metadata).__name__}, not DCP Metadata")
+        _check_storage_paths(metadata, path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage_paths(metadata: Metadata, path) -> None:
+    """Every tensor file named by `.metadata` lies in the checkpoint folder: a plain relative
+    name, no '..', no absolute path (DCP joins it to the folder as it is)."""
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        parts = PurePosixPath(str(name)).parts
+        if not isinstance(name, str) or not parts or name.startswith("/") or ".." in parts or "\\" in name:
+            raise UnsafeCheckpointError(f"{path} refused: it points tensor storage at {name!r}, outside the "
+                                        f"checkpoint folder (load checkpoints only from sources you trust)")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
