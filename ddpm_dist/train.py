@@ -148,20 +148,21 @@ class Run:
                 self.tally.add(out.losses, out.t, out.result.grad_norm, out.result.skipped)
                 self.timer.tick(cfg.train.batch_size)
                 progress.update(1)
-                # Periodic actions after step `done`: log (and the non-finite guard), sample,
-                # checkpoint, stop.
+                # Periodic actions after step `done`: log (and the non-finite guard), checkpoint,
+                # sample, stop. The checkpoint comes before the sample grid: whatever happens
+                # while sampling, the step's state is already saved.
                 done = step + 1
                 if _every(done, cfg.train.log_every, total):
                     loss, nonfinite = self.log(done, progress)
                     if nonfinite >= MAX_NONFINITE or (nonfinite and not self.engine.skips_nonfinite_steps):
                         self.stop_nonfinite(done, f"{nonfinite:.0f} non-finite steps in a row")
-                if _every(done, cfg.train.sample_every, total):
-                    self.sample_grid(done)
                 stop_now = done % STOP_CHECK_EVERY == 0 and distributed.any_flag(stop.signum is not None)
                 if _every(done, cfg.train.ckpt_every, total) or stop_now:
                     if not self.engine.weights_finite():
                         self.stop_nonfinite(done, "non-finite weights")
                     self.checkpoint(done)
+                if _every(done, cfg.train.sample_every, total) and cfg.train.num_samples and not stop_now:
+                    self.sample_grid(done)
                 if stop_now:
                     log.info(f"stop requested (signal {stop.signum}): checkpoint at step {done} written, exiting")
                     return TrainResult(done, True, loss, stop.signum)
