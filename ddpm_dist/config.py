@@ -99,6 +99,10 @@ class TrainConfig:
     # No finished step for this long (s) dumps every thread's stack and exits with status 6;
     # 0 turns the watchdog off.
     hang_timeout: float = 1800.0
+    # Resume from a checkpoint written with other optimizer, data, seed or training settings
+    # (RESUME_MAY_CHANGE lists those that may change anyway); the change is recorded in
+    # metrics.jsonl. Model and diffusion settings can never change: the weights would not fit.
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -117,6 +121,29 @@ class Config:
 # Keys that configs no longer have but config.yaml files saved with earlier runs and
 # checkpoints still hold; loading drops them, so those runs still resume and export.
 RETIRED_KEYS = ("data.shuffle_buffer",)
+
+
+# Settings that may differ between a checkpoint's config and the run resuming it: where and how
+# the run executes, how long it runs, what it reports, and how it reads its data. Every other
+# setting changes the training itself and needs train.allow_config_change=true.
+RESUME_MAY_CHANGE = (
+    "out_dir", "device", "engine", "train.total_steps", "train.log_every", "train.sample_every",
+    "train.num_samples", "train.ckpt_every", "train.keep_last", "train.collective_timeout", "train.hang_timeout",
+    "train.compile", "train.compile_mode", "train.activation_checkpointing", "train.micro_batch_size",
+    "train.zero_stage", "train.allow_config_change", "data.num_workers", "data.retries", "data.retry_wait",
+    "data.s3_endpoint", "data.max_skip_fraction",
+)
+
+
+def flat_settings(cfg: Config) -> dict:
+    """{"section.key": value} of every setting (top-level ones without a section)."""
+    flat = {}
+    for name, value in config_to_dict(cfg).items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
 
 
 def _drop_retired(data: dict) -> None:
