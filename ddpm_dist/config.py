@@ -6,6 +6,7 @@ Every error is a `ConfigError` with one line naming the bad key and what is allo
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -364,6 +365,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                               f"got a {type(data).__name__}")
     for item in overrides:
         _set_override(data, item)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A validated Config from the plain mapping of `config_to_dict` (or a YAML file's)."""
+    data = copy.deepcopy(data)
     _drop_retired(data)
     return validate(build_section(Config, data))
 

@@ -130,3 +130,36 @@ def test_ranks_end_when_torchrun_is_killed(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def test_a_second_reproduction_chain_is_refused_before_it_submits_anything(tmp_path):
+    from ddpm_dist.utils.folder_lock import lock_folder
+    run = tmp_path / "run"
+    held = lock_folder(run, "reproduce.lock", "submitted jobs")  # the first chain, still submitting
+    try:
+        before = folder_state(run)
+        # no Slurm commands on PATH: whatever got past the lock could not submit anyway
+        env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "reproduce.py"), "configs/cifar10.yaml",
+                               f"out_dir={run}", f"data.source={tmp_path / 'shards'}", "--raw-dir",
+                               str(tmp_path / "raw"), "--partition", "debug"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        after = folder_state(run)
+    finally:
+        held.release()
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"reproduce: error: {run} is in use by pid {os.getpid()} on {socket.gethostname()}"), line
+    assert after == before and not (tmp_path / "shards").exists()
+
+
+def test_a_submitted_training_job_keeps_the_settings_it_was_submitted_with(tmp_path):
+    import pickle
+    from ddpm_dist.config import load_config
+    from ddpm_dist.launch.train_job import TrainJob
+    path = tmp_path / "demo.yaml"
+    path.write_text((ROOT / "configs" / "demo_digits.yaml").read_text())
+    submitted = load_config(path, ["train.total_steps=7"])
+    job = pickle.loads(pickle.dumps(TrainJob(str(path), ["train.total_steps=7"])))  # as submitit stores it
+    path.write_text(path.read_text().replace("lr: 1.0e-3", "lr: 0.5"))  # edited while the job waits
+    assert job.resolved_config() == submitted
