@@ -64,3 +64,38 @@ def test_a_data_mdb_that_is_not_lmdb_is_one_line(tmp_path):
     err = r.stderr.strip()
     assert r.returncode != 0 and "\n" not in err, err
     assert err.startswith(f"error: {folder / 'data.mdb'}: not an LMDB database"), err
+
+
+def _lsun(folder: Path, good: int, bad: int) -> None:
+    """An LSUN-style lmdb: hex ids → JPEG bytes, `bad` of them not an image at all."""
+    import io
+    import lmdb
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    with lmdb.open(str(folder), map_size=1 << 26) as env, env.begin(write=True) as txn:
+        for i in range(good + bad):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buf, "JPEG")
+            txn.put(f"{i:040x}".encode(), buf.getvalue() if i >= bad else b"\xff\xd8 cut short")
+
+
+def _convert(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--source", "lsun", "--input",
+                           str(folder), "--out", str(out), "--resolution", "8", "--max-samples", "10",
+                           "--workers", "1", "--no-progress", *extra], capture_output=True, text=True, timeout=180)
+
+
+def test_undecodable_lsun_records_are_skipped_counted_and_bounded(tmp_path):
+    _lsun(tmp_path / "few_lmdb", good=39, bad=1)
+    r = _convert(tmp_path / "few_lmdb", tmp_path / "few", "--max-skip-fraction", "0.05")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"skipping record {0:040x}: not a decodable image" in r.stderr
+    index = json.loads((tmp_path / "few" / "index.json").read_text())
+    assert index["total"] == 39 and index["skipped"] == 1
+
+    _lsun(tmp_path / "many_lmdb", good=36, bad=4)
+    r = _convert(tmp_path / "many_lmdb", tmp_path / "many", "--max-skip-fraction", "0.05")
+    err = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and err.startswith("error: ") and "undecodable records" in err, r.stderr[-2000:]
+    assert f"{3:040x}" in err or f"{0:040x}" in err
