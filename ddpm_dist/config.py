@@ -6,7 +6,9 @@ Every error is a `ConfigError` with one line naming the bad key and what is allo
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +101,10 @@ class TrainConfig:
     # No finished step for this long (s) dumps every thread's stack and exits with status 6;
     # 0 turns the watchdog off.
     hang_timeout: float = 1800.0
+    # Resume from a checkpoint written with other optimizer, data, seed or training settings
+    # (RESUME_MAY_CHANGE lists those that may change anyway); the change is recorded in
+    # metrics.jsonl. Model and diffusion settings can never change: the weights would not fit.
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -117,6 +123,29 @@ class Config:
 # Keys that configs no longer have but config.yaml files saved with earlier runs and
 # checkpoints still hold; loading drops them, so those runs still resume and export.
 RETIRED_KEYS = ("data.shuffle_buffer",)
+
+
+# Settings that may differ between a checkpoint's config and the run resuming it: where and how
+# the run executes, how long it runs, what it reports, and how it reads its data. Every other
+# setting changes the training itself and needs train.allow_config_change=true.
+RESUME_MAY_CHANGE = (
+    "out_dir", "device", "engine", "train.total_steps", "train.log_every", "train.sample_every",
+    "train.num_samples", "train.ckpt_every", "train.keep_last", "train.collective_timeout", "train.hang_timeout",
+    "train.compile", "train.compile_mode", "train.activation_checkpointing", "train.micro_batch_size",
+    "train.zero_stage", "train.allow_config_change", "data.num_workers", "data.retries", "data.retry_wait",
+    "data.s3_endpoint", "data.max_skip_fraction",
+)
+
+
+def flat_settings(cfg: Config) -> dict:
+    """{"section.key": value} of every setting (top-level ones without a section)."""
+    flat = {}
+    for name, value in config_to_dict(cfg).items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
 
 
 def _drop_retired(data: dict) -> None:
@@ -217,29 +246,61 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
 
 
+# The allowed values of every numeric setting, by rule; a value outside is refused with
+# "<key>: must be <rule>, got <value>". Every numeric field has an entry (tests walk them all
+# with nan, inf, negative and zero values). Zeros that are allowed mean: data.num_workers no
+# loader processes, data.retries no retry, data.retry_wait retry at once,
+# data.max_skip_fraction no skipped sample tolerated, model.dropout none, optim.beta1/beta2 no
+# averaging, optim.warmup_steps no warm-up, train.ema_decay EMA = weights, train.zero_stage
+# DeepSpeed without partitioning, train.num_samples no sample grids, train.hang_timeout no watchdog.
+_RULES = {
+    "positive": lambda v: v > 0,
+    "0 or more": lambda v: v >= 0,
+    "at least 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "0, 1, 2 or 3": lambda v: v in (0, 1, 2, 3),
+    "0 or more and below 2^63": lambda v: 0 <= v < 2 ** 63,  # torch.manual_seed's range
+}
+RANGES = {
+    "model.ch": "positive", "model.out_ch": "positive", "model.ch_mult": "positive",
+    "model.num_res_blocks": "positive", "model.attn_resolutions": "positive", "model.dropout": "in [0, 1)",
+    "model.in_channels": "positive", "model.resolution": "positive",
+    "diffusion.num_timesteps": "positive",
+    "data.num_workers": "0 or more", "data.retries": "0 or more", "data.retry_wait": "0 or more",
+    "data.max_skip_fraction": "in [0, 1)",
+    "optim.lr": "positive", "optim.beta1": "in [0, 1)", "optim.beta2": "in [0, 1)", "optim.eps": "positive",
+    "optim.warmup_steps": "0 or more",
+    # the global gradient norm is clipped to it: 0 would zero every update, a negative value
+    # turns the step around (gradient ascent)
+    "optim.grad_clip": "positive",
+    "train.batch_size": "positive", "train.micro_batch_size": "positive", "train.total_steps": "positive",
+    "train.ema_decay": "in [0, 1)", "train.zero_stage": "0, 1, 2 or 3", "train.log_every": "positive",
+    "train.sample_every": "positive", "train.num_samples": "0 or more", "train.ckpt_every": "positive",
+    "train.keep_last": "at least 1", "train.collective_timeout": "positive", "train.hang_timeout": "0 or more",
+    "seed": "0 or more and below 2^63",
+}
+
+
+def _numeric_values(cfg: Config):
+    """(key, value) for every number in the config; tuple settings give each element."""
+    flat = config_to_dict(cfg)
+    for key in RANGES:
+        section, _, name = key.rpartition(".")
+        value = flat[section][name] if section else flat[name]
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:  # train.micro_batch_size: None = derived from the world size
+                yield key, item
+
+
 def _check_ranges(cfg: Config) -> None:
+    for key, value in _numeric_values(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        rule = RANGES[key]
+        if not _RULES[rule](value):
+            extra = " (the number of newest checkpoints kept)" if key == "train.keep_last" else ""
+            raise ConfigError(f"{key}: must be {rule}, got {value}{extra}")
     t = cfg.train
-    micro = 1 if t.micro_batch_size is None else t.micro_batch_size
-    positive = {"model.ch": cfg.model.ch, "model.num_res_blocks": cfg.model.num_res_blocks,
-                "model.resolution": cfg.model.resolution, "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
-                "train.batch_size": t.batch_size, "train.total_steps": t.total_steps, "optim.lr": cfg.optim.lr,
-                "train.log_every": t.log_every, "train.sample_every": t.sample_every,
-                "train.ckpt_every": t.ckpt_every, "train.micro_batch_size": micro}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
-    if not 0.0 <= cfg.data.max_skip_fraction < 1.0:
-        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1), got {cfg.data.max_skip_fraction}")
-    if t.keep_last < 1:
-        raise ConfigError(f"train.keep_last: must be at least 1, got {t.keep_last} "
-                          f"(the number of newest checkpoints kept)")
-    if t.collective_timeout <= 0:
-        raise ConfigError(f"train.collective_timeout: must be positive (seconds), got {t.collective_timeout}")
-    at_least_0 = {"data.retries": cfg.data.retries, "data.num_workers": cfg.data.num_workers,
-                  "data.retry_wait": cfg.data.retry_wait, "train.hang_timeout": t.hang_timeout}
-    for key, value in at_least_0.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be 0 or more, got {value}")
     if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
         # every world size W needs batch_size % (micro_batch_size * W) == 0 (checked at start)
         raise ConfigError(f"train.micro_batch_size: {t.micro_batch_size} does not divide "
@@ -277,8 +338,6 @@ def _check_model(cfg: Config) -> None:
             raise ConfigError(f"model.attn_resolutions: {res} is not a resolution of the U-Net "
                               f"({', '.join(map(str, levels))}); attention there would never run")
     _check_channels(cfg.model)
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
 
 
 def validate(cfg: Config) -> Config:
@@ -286,8 +345,6 @@ def validate(cfg: Config) -> Config:
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_model(cfg)
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     return cfg
 
 
@@ -315,8 +372,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML{where}") from None
         if data is None:
             raise ConfigError(f"config file {path} is empty (start from one in configs/)")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, train:, ...) at the top level, "
+                              f"got a {type(data).__name__}")
     for item in overrides:
         _set_override(data, item)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A validated Config from the plain mapping of `config_to_dict` (or a YAML file's)."""
+    data = copy.deepcopy(data)
     _drop_retired(data)
     return validate(build_section(Config, data))
 

@@ -6,6 +6,7 @@ NCCL on GPU or gloo on CPU. Nothing here knows about models; engines and the loo
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import shutil
@@ -217,3 +218,18 @@ def any_flag(flag: bool) -> bool:
     t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` (JSON-able) on every rank: a decision taken once, from what rank 0 read,
+    instead of each rank reading files that may change between the reads."""
+    if not dist.is_initialized():
+        return value
+    device, main = _collective_device(), dist.get_rank() == 0
+    data = json.dumps(value).encode() if main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, 0)
+    buf = (torch.tensor(list(data), dtype=torch.uint8, device=device) if main
+           else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+    dist.broadcast(buf, 0)
+    return value if main else json.loads(bytes(buf.cpu().tolist()))

@@ -26,13 +26,15 @@ from ddpm_dist.data.fs import DataError, DataReadError
 from ddpm_dist.images import make_grid, save_png, to_uint8
 from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.training.checkpoint import (CheckpointError, CheckpointSaveError, load_checkpoint,
-                                           resumable_checkpoint, save_checkpoint)
+                                           resumable_checkpoint, resume_config_changes, save_checkpoint)
 from ddpm_dist.training.engines import batch_split, build_engine
 from ddpm_dist.training.step import draw_micro_batches, step_generator, train_step
 from ddpm_dist.training.watchdog import FAULT_EXIT_STATUS, Watchdog
 from ddpm_dist.training.telemetry import (MetricsWriter, StepTally, StepTimer, memory_gb, model_flops_per_image,
                                           peak_flops)
+from ddpm_dist.utils.folder_lock import FolderBusyError, FolderLock, lock_folder
 from ddpm_dist.utils.logs import log, setup_logging
+from ddpm_dist.utils.parent_death import end_with_launcher
 from ddpm_dist.utils.seeds import Purpose, derive_seed
 
 EXIT_DATA_UNAVAILABLE = 4  # data storage unavailable after the retries: run again later
@@ -86,14 +88,37 @@ def train(cfg: Config) -> TrainResult:
     # the first step boundary instead of killing the process unsaved.
     stop = StopRequest()
     stop.install()
+    end_with_launcher()  # no rank may outlive a killed torchrun: it would write beside the rerun
     try:
         info = distributed.init_distributed(cfg.device, always_group=cfg.engine != "single",
                                             timeout_s=cfg.train.collective_timeout)
         setup_logging(info.rank)
-        return Run(cfg, info).train(stop)
+        lock = lock_run_folder(cfg, info)
+        try:
+            return Run(cfg, info).train(stop)
+        finally:
+            lock.release()
     finally:
         stop.uninstall()
         distributed.teardown()
+
+
+RUN_LOCK = "run.lock"
+
+
+def lock_run_folder(cfg: Config, info: distributed.DistInfo) -> FolderLock:
+    """Rank 0 locks out_dir for the run's life; when another process holds it, every rank stops
+    with the same line before anything is written."""
+    lock, error = FolderLock(Path(cfg.out_dir) / RUN_LOCK, None), None
+    if info.is_main:
+        try:
+            lock = lock_folder(cfg.out_dir, RUN_LOCK, "checkpoints and metrics")
+        except FolderBusyError as e:
+            error = str(e)
+    error = distributed.broadcast_from_main(error)
+    if error:
+        raise FolderBusyError(error)
+    return lock
 
 
 class Run:
@@ -112,22 +137,38 @@ class Run:
         self.engine = build_engine(cfg, model, info.device, info)
         self.stream = build_stream(cfg, self.micro_batch, rank=info.rank, world_size=info.world_size,
                                    pin_memory=info.device.type == "cuda")
-        self.start = self._resume()
+        self.start, changes = self._resume()
         if info.is_main:  # only once the checkpoint fits: a rejected run leaves the run's config
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         self.writer = MetricsWriter(self.out_dir, enabled=info.is_main)
+        if changes:
+            log.warning(f"resuming with changed settings (train.allow_config_change): {changes}")
+            self.writer.record(self.start, {"config_change": changes})
         self.timer = StepTimer()
         self.tally = StepTally(info.device, self.diffusion.num_timesteps)
 
-    def _resume(self) -> int:
-        found = resumable_checkpoint(self.ckpt_dir)
-        if found is None:
-            return 0
-        extra = load_checkpoint(found, self.engine, self.cfg)
+    def _resume(self) -> tuple[int, dict]:
+        """(start step, accepted config changes). Rank 0 picks the checkpoint and compares its
+        config; every rank acts on that one decision."""
+        decision = distributed.broadcast_from_main(self._resume_decision() if self.info.is_main else None)
+        if "error" in decision:
+            raise CheckpointError(decision["error"])
+        if decision["path"] is None:
+            return 0, {}
+        found = Path(decision["path"])
+        extra = load_checkpoint(found, self.engine)
         self.stream.load_state_dict(extra["data"])
         log.info(f"resumed from {found} at step {extra['step']}")
-        return extra["step"]
+        return extra["step"], decision["changes"]
+
+    def _resume_decision(self) -> dict:
+        try:
+            found = resumable_checkpoint(self.ckpt_dir)
+            changes = resume_config_changes(found, self.cfg) if found else {}
+        except CheckpointError as e:
+            return {"error": str(e)}
+        return {"path": found and str(found), "changes": changes}
 
     def train(self, stop: StopRequest) -> TrainResult:
         cfg, info, total = self.cfg, self.info, self.cfg.train.total_steps
@@ -148,20 +189,21 @@ class Run:
                 self.tally.add(out.losses, out.t, out.result.grad_norm, out.result.skipped)
                 self.timer.tick(cfg.train.batch_size)
                 progress.update(1)
-                # Periodic actions after step `done`: log (and the non-finite guard), sample,
-                # checkpoint, stop.
+                # Periodic actions after step `done`: log (and the non-finite guard), checkpoint,
+                # sample, stop. The checkpoint comes before the sample grid: whatever happens
+                # while sampling, the step's state is already saved.
                 done = step + 1
                 if _every(done, cfg.train.log_every, total):
                     loss, nonfinite = self.log(done, progress)
                     if nonfinite >= MAX_NONFINITE or (nonfinite and not self.engine.skips_nonfinite_steps):
                         self.stop_nonfinite(done, f"{nonfinite:.0f} non-finite steps in a row")
-                if _every(done, cfg.train.sample_every, total):
-                    self.sample_grid(done)
                 stop_now = done % STOP_CHECK_EVERY == 0 and distributed.any_flag(stop.signum is not None)
                 if _every(done, cfg.train.ckpt_every, total) or stop_now:
                     if not self.engine.weights_finite():
                         self.stop_nonfinite(done, "non-finite weights")
                     self.checkpoint(done)
+                if _every(done, cfg.train.sample_every, total) and cfg.train.num_samples and not stop_now:
+                    self.sample_grid(done)
                 if stop_now:
                     log.info(f"stop requested (signal {stop.signum}): checkpoint at step {done} written, exiting")
                     return TrainResult(done, True, loss, stop.signum)
@@ -235,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointSaveError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SAVE_FAILED
-    except (ConfigError, distributed.DeviceError, CheckpointError, DataError, NonFiniteLossError) as e:
+    except (ConfigError, distributed.DeviceError, CheckpointError, DataError, NonFiniteLossError,
+            FolderBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

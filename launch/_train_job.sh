@@ -10,7 +10,9 @@
 #   DDPM_OUT_DIR    run folder: checkpoints, metrics.jsonl, tb/   (default: runs/<config name>)
 #   DDPM_DATA       data.source: a shard folder or s3://bucket/prefix/  (default: the config's)
 #   DDPM_OVERRIDES  more key=value settings, space-separated; arguments after the script
-#                   name on the sbatch line are appended to them
+#                   name on the sbatch line are appended to them. All of these are resolved
+#                   once, at the job's first start, into OUT_DIR/slurm-job-<id>-config.yaml,
+#                   which every requeue of the job trains with.
 #   DDPM_PYTHON     interpreter                   (default: python on PATH, e.g. the active venv)
 #
 #   DDPM_MAX_FAULT_REQUEUES  requeues after storage outages (status 4) or a hung or dead rank
@@ -33,20 +35,30 @@ if [ ! -f "$config" ] || [ ! -f ddpm_dist/train.py ]; then
   echo "error: config '$config' not found from $PWD (run sbatch from the checkout or set DDPM_REPO)" >&2
   exit 2
 fi
-overrides=("out_dir=${DDPM_OUT_DIR:-runs/$(basename "$config" .yaml)}")
+out_dir=${DDPM_OUT_DIR:-runs/$(basename "$config" .yaml)}
+overrides=("out_dir=$out_dir")
 [ -n "${DDPM_DATA:-}" ] && overrides+=("data.source=$DDPM_DATA")
 read -r -a extra <<< "${DDPM_OVERRIDES:-}"
 overrides+=("${extra[@]}" "$@")
 
+# The settings are resolved once, when the job first starts, into a file of the job's own; every
+# run of the job (requeues included) trains with that file, so an edit of the YAML file or of
+# these variables does not reach a job that is already training.
+snapshot="$out_dir/slurm-job-${SLURM_JOB_ID:-0}-config.yaml"
+if [ ! -f "$snapshot" ]; then
+  mkdir -p "$out_dir" && "${DDPM_PYTHON:-python}" -m ddpm_dist.launch.config_snapshot \
+    --config "$config" --out "$snapshot" "${overrides[@]}" || exit 2
+fi
+
 # one intra-op thread pool per rank, sized to its CPUs, or ranks sharing a node oversubscribe
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} run $(( ${SLURM_RESTART_COUNT:-0} + 1 )): ${SLURM_NTASKS:-1} tasks on" \
-     "${SLURM_JOB_NODELIST:-?}: $config ${overrides[*]}"
+     "${SLURM_JOB_NODELIST:-?}: $config ${overrides[*]} (resolved in $snapshot)"
 
 # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch: pass it, or each rank
 # (and its data workers) is confined to one CPU where cores are bound.
 srun ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
-  "${DDPM_PYTHON:-python}" -m ddpm_dist.train --config "$config" "${overrides[@]}"
+  "${DDPM_PYTHON:-python}" -m ddpm_dist.train --config "$snapshot"
 rc=$?
 if { [ "$rc" = 4 ] || [ "$rc" = 6 ]; } && [ "${SLURM_RESTART_COUNT:-0}" -lt "${DDPM_MAX_FAULT_REQUEUES:-3}" ]; then
   echo "[$(date -Is)] status $rc (storage outage or a dead or hung rank); requeueing job $SLURM_JOB_ID to resume"

@@ -157,3 +157,88 @@ def test_an_out_path_in_a_missing_folder_is_created(tmp_path):
     path = tmp_path / "not" / "yet" / "model.safetensors"  # tools/export.py, convert_diffusers.py --out
     save_model_file(path, build_model(cfg.model).state_dict(), cfg)
     assert load_model_file(path)[0].resolution == 8
+
+
+# Values of numeric settings that are accepted, with what they mean; every other nan, inf,
+# negative or zero value of every numeric setting is refused with one line naming the key.
+ACCEPTED = {
+    ("seed", "0"): "the first seed",
+    ("data.num_workers", "0"): "data is loaded in the training process",
+    ("data.retries", "0"): "a failed read is not retried",
+    ("data.retry_wait", "0"): "retries follow at once",
+    ("data.max_skip_fraction", "0"): "no skipped sample is tolerated",
+    ("model.dropout", "0"): "no dropout",
+    ("optim.beta1", "0"): "no momentum",
+    ("optim.beta2", "0"): "no second-moment averaging",
+    ("optim.warmup_steps", "0"): "no warm-up",
+    ("train.ema_decay", "0"): "the EMA weights are the weights",
+    ("train.zero_stage", "0"): "DeepSpeed without ZeRO partitioning",
+    ("train.num_samples", "0"): "no sample grids",
+    ("train.hang_timeout", "0"): "no watchdog",
+}
+
+
+def _numeric_settings():
+    """(key, is_tuple) for every int or float field of the config dataclasses, nested ones too."""
+    import dataclasses
+    import typing
+    from ddpm_dist.config import Config
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, f"{prefix}{f.name}.")
+                continue
+            args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
+            is_tuple = typing.get_origin(tp) is tuple
+            if tp in (int, float) or (args and set(args) <= {int, float}):
+                yield f"{prefix}{f.name}", is_tuple
+    return list(walk(Config, ""))
+
+
+def test_the_walk_finds_the_numeric_settings():
+    keys = {key for key, _ in _numeric_settings()}
+    assert {"optim.lr", "optim.grad_clip", "train.hang_timeout", "seed", "model.ch_mult",
+            "train.micro_batch_size", "data.max_skip_fraction"} <= keys and len(keys) > 30
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "-1", "0"])
+def test_every_numeric_setting_refuses_nan_inf_negative_and_zero_unless_documented(value):
+    accepted = []
+    for key, is_tuple in _numeric_settings():
+        override = f"{key}=[{value}]" if is_tuple else f"{key}={value}"
+        try:
+            load_config("configs/cifar10.yaml", [override])
+        except ConfigError as e:
+            text = str(e)
+            assert "\n" not in text and text.startswith(f"{key}:"), (override, text)
+            continue
+        accepted.append((key, value))
+    assert set(accepted) == {k for k in ACCEPTED if k[1] == value}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.grad_clip=-1"], "optim.grad_clip: must be positive"),
+    (["optim.lr=.nan"], "optim.lr: must be a finite number, got nan"),
+    (["train.hang_timeout=.nan"], "train.hang_timeout: must be a finite number, got nan"),
+    (["train.collective_timeout=.inf"], "train.collective_timeout: must be a finite number, got inf"),
+    (["seed=-1"], "seed: must be 0 or more"),
+    (["optim.beta2=1"], "optim.beta2: must be in [0, 1)"),
+    (["model.ch_mult=[1,0]"], "model.ch_mult: must be positive"),
+])
+def test_out_of_range_numbers_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/cifar10.yaml", overrides)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(message), text
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "42\n", "just a string\n"])
+def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, text):
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.total_steps=5"])
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"{path}: expected a mapping"), info.value

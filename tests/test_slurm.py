@@ -115,10 +115,24 @@ def test_sbatch_runs_two_gloo_ranks_to_completion(reference_run):
     assert (reference_run / "checkpoints" / f"step_{STEPS:08d}").is_dir()
 
 
-def preempt_when_running(job_id: str, run_dir: Path) -> None:
-    """USR2 to every rank (as Slurm's --signal does before the time limit) once step 2 is done."""
+def preempt_when_running(job_id: str, run_dir: Path, edit: Path | None = None) -> None:
+    """USR2 to every rank (as Slurm's --signal does before the time limit) once step 2 is done.
+    `edit`: a config file the job was started from; its learning rate is changed before the
+    signal, and the requeued job must train on with the settings it was submitted with."""
     wait_for("step 2", lambda: len(logged_steps(run_dir)) >= 2, 120, interval=0.2)
+    if edit is not None:
+        text = edit.read_text()
+        assert "lr: 1.0e-3" in text
+        edit.write_text(text.replace("lr: 1.0e-3", "lr: 0.5"))
     assert subprocess.run(["scancel", "--signal=USR2", job_id]).returncode == 0
+
+
+def config_copy(tmp_path: Path) -> Path:
+    """configs/demo_digits.yaml under its own name in a folder of the test's."""
+    path = tmp_path / "configs" / "demo_digits.yaml"
+    path.parent.mkdir()
+    path.write_text((REPO / "configs" / "demo_digits.yaml").read_text())
+    return path
 
 
 def assert_resumed_like_reference(run_dir: Path, reference: Path, tmp_path: Path, log: str) -> None:
@@ -133,10 +147,10 @@ def assert_resumed_like_reference(run_dir: Path, reference: Path, tmp_path: Path
 
 
 def test_sbatch_preempted_job_requeues_and_matches_uninterrupted_run(slurm_cluster, reference_run, tmp_path):
-    run_dir = tmp_path / "preempted"
-    job_id = sbatch(slurm_cluster, run_dir)
+    run_dir, config = tmp_path / "preempted", config_copy(tmp_path)
+    job_id = sbatch(slurm_cluster, run_dir, config=str(config))
     try:
-        preempt_when_running(job_id, run_dir)
+        preempt_when_running(job_id, run_dir, edit=config)
         state = wait_done(job_id, 240)
     finally:
         cancel(job_id)
@@ -153,16 +167,17 @@ def test_submitit_job_preempted_requeues_and_matches_uninterrupted_run(slurm_clu
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # submit() extends it
     monkeypatch.chdir(REPO)
+    config = config_copy(tmp_path)
     # --time 20: submitit calls a signal in the first min(80 %, limit - 10 min) a preemption, later
     # a time-out (counted against --max-requeues); this one must be a preemption
     args = submit.parse_args([
-        "--config", "configs/demo_digits.yaml", "--partition", slurm_cluster["SLURM_TEST_PARTITION"],
+        "--config", str(config), "--partition", slurm_cluster["SLURM_TEST_PARTITION"],
         "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "20",
         "--folder", str(tmp_path / "submitit"), "--out-root", str(tmp_path), *TINY, f"train.total_steps={STEPS}"])
     (job,) = submit.submit(args)
     run_dir = tmp_path / "demo_digits"
     try:
-        preempt_when_running(job.job_id, run_dir)
+        preempt_when_running(job.job_id, run_dir, edit=config)
         state = wait_done(job.job_id, 240)
     finally:
         cancel(job.job_id)

@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     p.add_argument("--s3-endpoint", default=None, help="else AWS_ENDPOINT_URL")
+    p.add_argument("--max-skip-fraction", type=float, default=0.01,
+                   help="records that do not decode are skipped; more than this fraction of all stops the run")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -52,6 +54,8 @@ def check_args(args) -> None:
                                ("--workers", args.workers, 0), ("--resolution", args.resolution or 1, 1)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if not 0 <= args.max_skip_fraction < 1:
+        raise ValueError(f"--max-skip-fraction must be in [0, 1), got {args.max_skip_fraction}")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality must be in 1..100, got {args.quality}")
 
@@ -60,7 +64,7 @@ def convert(args) -> dict:
     return convert_source(args.source, args.input, args.out, resolution=args.resolution, image_format=args.format,
                           quality=args.quality, seed=args.seed, split=args.split, max_samples=args.max_samples,
                           max_bytes=args.max_bytes, workers=args.workers, endpoint=args.s3_endpoint,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, max_skip_fraction=args.max_skip_fraction)
 
 
 def main(argv=None) -> int:

@@ -82,10 +82,36 @@ def shard_members(group: list[tuple[str, str, bytes]], fmt: str) -> Iterator[tup
         yield f"{key}.id", sid.encode()
 
 
-def _encode_one(item: tuple[int, str]) -> tuple[str, str, bytes]:
+def _encode_one(item: tuple[int, str]) -> tuple[str, str, bytes | None]:
+    """(key, id, encoded image); None for the image of a record that does not decode."""
     pos, sid = item
-    img = _JOB["source"].load(sid)
+    try:
+        img = _JOB["source"].load(sid)
+    except (FileNotFoundError, PermissionError):
+        raise  # the input is unreadable, not one record: an error
+    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError):
+        return f"{pos:09d}", sid, None  # PIL's errors for bytes that are not a (whole) image
     return f"{pos:09d}", sid, encode(img, **_JOB["options"])
+
+
+class _SkipCounter:
+    """Drops undecodable records, naming each; stops once they exceed `max_fraction` of `total`."""
+
+    def __init__(self, total: int, max_fraction: float):
+        self.total, self.max_fraction, self.skipped, self.first = total, max_fraction, 0, []
+
+    def filter(self, samples: Iterator[tuple[str, str, bytes | None]]) -> Iterator[tuple[str, str, bytes]]:
+        for key, sid, data in samples:
+            if data is not None:
+                yield key, sid, data
+                continue
+            self.skipped += 1
+            self.first = (self.first + [sid])[:3]
+            log.warning("skipping record %s: not a decodable image", sid)
+            if self.skipped > self.max_fraction * self.total:
+                raise fs.DataError(f"{self.skipped} undecodable records of {self.total} (more than "
+                                   f"--max-skip-fraction {self.max_fraction}), first: {', '.join(self.first)}; "
+                                   f"is the input damaged?")
 
 
 def _encode_chunk(items: list[tuple[int, str]]) -> list[tuple[str, str, bytes]]:
@@ -142,7 +168,8 @@ def _write_index(out: str, shards: list[dict], params: dict, complete: bool,
                  endpoint: str | None) -> dict:
     index = {"format": "webdataset", "resolution": params["resolution"],
              "image_format": params["format"], "complete": complete,
-             "total": sum(s["samples"] for s in shards), "shards": shards, "params": params}
+             "total": sum(s["samples"] for s in shards), "skipped": sum(s.get("skipped", 0) for s in shards),
+             "shards": shards, "params": params}
     fs.write_bytes(fs.join(out, "index.json"), json.dumps(index, indent=1).encode(),
                    endpoint=endpoint)
     return index
@@ -150,10 +177,12 @@ def _write_index(out: str, shards: list[dict], params: dict, complete: bool,
 
 def make_shards(source, out: str, *, params: dict, max_samples: int = 1000,
                 max_bytes: int = 64 << 20, workers: int = 0, endpoint: str | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, max_skip_fraction: float = 0.01) -> dict:
     """Write `source` as shards under `out` (folder or s3:// URL); returns the index.
 
     `params` holds what determines the bytes: resolution, format, quality, seed (+ source).
+    Records that do not decode are skipped and counted (each shard's `skipped`); more than
+    `max_skip_fraction` of all stop the conversion with a DataError.
     """
     ids = source.ids()
     if not ids:
@@ -161,19 +190,22 @@ def make_shards(source, out: str, *, params: dict, max_samples: int = 1000,
     fs.remove_temp_files(out)
     order = np.random.default_rng(params["seed"]).permutation(len(ids))
     shards = _verified_prefix(out, params, endpoint)
-    start = sum(s["samples"] for s in shards)
+    start = sum(s["samples"] + s.get("skipped", 0) for s in shards)
     if shards:
         log.info("keeping %d verified shards (%d samples)", len(shards), start)
     _JOB.update(source=source, options={"resolution": params["resolution"],
                                         "fmt": params["format"], "quality": params["quality"]})
     items = [(pos, ids[i]) for pos, i in enumerate(order)][start:]
     bar = tqdm(total=len(ids), initial=start, unit="img", disable=not progress)
-    for group in pack(_encoded(items, workers), max_samples=max_samples, max_bytes=max_bytes):
+    bad, counted = _SkipCounter(len(ids), max_skip_fraction), 0
+    for group in pack(bad.filter(_encoded(items, workers)), max_samples=max_samples, max_bytes=max_bytes):
         name = f"shard-{len(shards):06d}.tar"
         data = tar_bytes(shard_members(group, params["format"]))
         fs.write_bytes(fs.join(out, name), data, endpoint=endpoint)
         shards.append({"name": name, "samples": len(group), "bytes": len(data),
                        "sha256": sha256(data)})
+        if bad.skipped > counted:  # the records skipped before the next shard's first sample
+            shards[-1]["skipped"], counted = bad.skipped - counted, bad.skipped
         _write_index(out, shards, params, False, endpoint)
         bar.update(len(group))
     bar.close()

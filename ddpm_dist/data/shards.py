@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -133,6 +134,10 @@ def load_index(data: bytes, url: str) -> dict:
         index = json.loads(data)
     except ValueError:
         raise DataConfigError(f"{url}: index.json is not valid JSON") from None
+    problem = _index_problem(index)
+    if problem:
+        from ddpm_dist.data import fs
+        raise DataConfigError(f"{fs.join(url, 'index.json')}: {problem}; rewrite it with tools/make_shards.py")
     if not index.get("complete", False):
         raise DataConfigError(f"{url}: index.json is incomplete (make_shards did not finish)")
     if not index.get("shards"):
@@ -143,6 +148,37 @@ def load_index(data: bytes, url: str) -> dict:
             raise DataConfigError(f"{url}: index.json names shard {name!r} outside the data folder "
                                   f"(absolute, '..' or a URL); refusing to read it")
     return index
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _index_problem(index) -> str | None:
+    """What makes `index` unusable by the readers (a key missing or of the wrong type), or None."""
+    if not isinstance(index, dict):
+        return f"expected a mapping, got {type(index).__name__}"
+    if "resolution" not in index:
+        return "no 'resolution'"
+    if not (_whole(index["resolution"]) and index["resolution"] > 0):
+        return f"'resolution' must be a positive whole number, got {index['resolution']!r}"
+    shards = index.get("shards")
+    if shards is None:
+        return None  # "lists no shards" below
+    if not isinstance(shards, list):
+        return "'shards' must be a list of shards"
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            return f"shard {i}: expected a mapping, got {shard!r}"
+        where = f"shard {i} ({shard.get('name')})"
+        for key in ("samples", "sha256"):
+            if key not in shard:
+                return f"{where}: no {key!r}"
+        if not (_whole(shard["samples"]) and shard["samples"] >= 0):
+            return f"{where}: 'samples' must be a whole number 0 or more, got {shard['samples']!r}"
+        if not (isinstance(shard["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])):
+            return f"{where}: 'sha256' must be 64 hex digits, got {shard['sha256']!r}"
+    return None
 
 
 def read_index(url: str, *, endpoint: str | None = None, retries: int = 5) -> dict:

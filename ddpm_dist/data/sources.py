@@ -114,8 +114,12 @@ class LsunSource:
         import lmdb
 
         # a short-lived handle: one still open in the parent would break the forked workers'
-        with lmdb.open(self.root, readonly=True, lock=False) as env, env.begin() as txn:
-            return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        try:
+            with lmdb.open(self.root, readonly=True, lock=False) as env, env.begin() as txn:
+                return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        except lmdb.Error as e:
+            raise ValueError(f"{os.path.join(self.root, 'data.mdb')}: not an LMDB database "
+                             f"({str(e).replace(self.root + ': ', '').splitlines()[0][:120]}); pass an LSUN *_lmdb folder") from None
 
     def fingerprint(self) -> str:
         """The keys and the database's size: each record's size would mean reading every image."""

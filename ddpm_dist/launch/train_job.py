@@ -14,16 +14,22 @@ import signal
 
 import submitit
 
-from ddpm_dist.config import load_config
+from ddpm_dist.config import Config, config_from_dict, config_to_dict, load_config
 from ddpm_dist.train import train
 
 
 class TrainJob(submitit.helpers.Checkpointable):
     """`python -m ddpm_dist.train --config CONFIG OVERRIDES...` on every task of a submitit job.
-    Its state is just the command: the run resumes from the newest checkpoint in out_dir."""
+    Its state is the command and the settings it resolved to when it was submitted: every start
+    and requeue trains with those (an edit of the YAML file in between does not reach a queued
+    or running job), and resumes from the newest checkpoint in out_dir."""
 
     def __init__(self, config: str, overrides: list[str]):
         self.config, self.overrides = config, list(overrides)
+        self.settings = config_to_dict(load_config(config, overrides))
+
+    def resolved_config(self) -> Config:
+        return config_from_dict(self.settings)
 
     def __call__(self) -> int:
         # Rank, world size and rendezvous from submitit's view of the job (Slurm or local). Values
@@ -31,7 +37,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             os.environ.pop(key, None)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        result = train(load_config(self.config, self.overrides))
+        result = train(self.resolved_config())
         if result.stopped_early:
             _stop_for_requeue(result.signum)
         return result.step

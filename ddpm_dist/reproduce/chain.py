@@ -22,6 +22,7 @@ from ddpm_dist.launch.slurm import JobResources, make_executor, queued_job
 from ddpm_dist.reproduce.plan import Plan
 from ddpm_dist.reproduce.prepare import is_prepared
 from ddpm_dist.training.checkpoint import latest_checkpoint, step_of
+from ddpm_dist.utils.folder_lock import lock_folder
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,19 @@ def _queue(stage: Stage, plan: Plan, submit: SubmitStage, after: list[str], prin
 def run_chain(plan: Plan, submit: SubmitStage, *, prepare_here: bool, print_=print) -> dict[str, str]:
     """Submit every stage that is not done, each after the unfinished stages it needs: train
     here, the others through `submit`. Returns {stage: job id} of what is now queued
-    (submitted here or found in the queue)."""
+    (submitted here or found in the queue). One chain per run folder at a time: a second one
+    would find nothing queued yet and submit every stage again."""
+    lock = lock_folder(plan.run, CHAIN_LOCK, "submitted jobs")
+    try:
+        return _submit_stages(plan, submit, prepare_here=prepare_here, print_=print_)
+    finally:
+        lock.release()
+
+
+CHAIN_LOCK = "reproduce.lock"
+
+
+def _submit_stages(plan: Plan, submit: SubmitStage, *, prepare_here: bool, print_) -> dict[str, str]:
     # Jobs inherit this environment: our package importable where `python -m submitit...`
     # runs, and each rank's thread pool the size of its own CPUs.
     os.environ.update(package_env())

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ddpm_dist.config import Config, ConfigError, config_to_dict, load_config, save_config
+from ddpm_dist.config import (RESUME_MAY_CHANGE, Config, ConfigError, config_to_dict, flat_settings,
+                              load_config, save_config)
 from ddpm_dist.distributed import any_flag, barrier
 from ddpm_dist.engine_registry import CHECKPOINT_FORMATS, engines_writing
 from ddpm_dist.training.engines import Engine, checkpoint_format
@@ -317,6 +318,22 @@ def _check_same_model(path: Path, cfg: Config) -> None:
             if current[section][key] != value:
                 raise CheckpointError(f"{path} was written with {section}.{key}={value}, this run has "
                                       f"{current[section][key]}: use the checkpoint's config or another out_dir")
+
+
+def resume_config_changes(path: Path, cfg: Config) -> dict[str, list]:
+    """Compare the whole config a checkpoint was written with against this run's. Model and
+    diffusion settings must match; any other difference outside RESUME_MAY_CHANGE is refused
+    unless train.allow_config_change, and then returned as {key: [saved, current]} (to record)."""
+    _check_same_model(path, cfg)
+    saved, current = flat_settings(checkpoint_config(path)), flat_settings(cfg)
+    changed = {key: [saved[key], value] for key, value in current.items()
+               if key not in RESUME_MAY_CHANGE and saved.get(key) != value}
+    if changed and not cfg.train.allow_config_change:
+        listed = ", ".join(f"{key} ({old} → {new})" for key, (old, new) in sorted(changed.items()))
+        raise CheckpointError(f"{path} was written with other settings: {listed}; resume with the "
+                              f"checkpoint's settings, use another out_dir, or set "
+                              f"train.allow_config_change=true to continue with these (recorded in metrics.jsonl)")
+    return changed
 
 
 def load_checkpoint(path: str | Path, engine: Engine, cfg: Config | None = None) -> dict:

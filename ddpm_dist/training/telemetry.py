@@ -140,6 +140,12 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
 
+    def record(self, step: int, values: dict) -> None:
+        """A row of metrics.jsonl that is not a scalar (an event of the run, e.g. a config change)."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
+
     def image(self, step: int, name: str, grid: torch.Tensor) -> None:
         """grid: uint8 [C, H, W]; TensorBoard stores C=1 (grey) as grey RGB."""
         if self.enabled:
