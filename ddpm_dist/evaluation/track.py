@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 ATTEMPTS = 2  # per checkpoint
 
 
+def track_folder(run: Path) -> Path:
+    """Everything the watcher writes: its exports and samples per step, and fid<K>.jsonl."""
+    return Path(run) / "eval" / "track"
+
+
 @dataclass(frozen=True)
 class Tracker:
     run: Path
@@ -41,7 +46,7 @@ class Tracker:
 
     @property
     def folder(self) -> Path:
-        return self.run / "eval" / "track"
+        return track_folder(self.run)
 
     @property
     def results(self) -> Path:
