@@ -25,13 +25,14 @@ from ddpm_dist.data import build_stream
 from ddpm_dist.data.fs import DataError, DataReadError
 from ddpm_dist.images import make_grid, save_png, to_uint8
 from ddpm_dist.modelio.factory import build_diffusion, build_model
+from ddpm_dist.samplers import TimestepMap, respace
 from ddpm_dist.training.checkpoint import (CheckpointError, CheckpointSaveError, load_checkpoint,
                                            resumable_checkpoint, resume_config_changes, save_checkpoint)
 from ddpm_dist.training.engines import batch_split, build_engine
 from ddpm_dist.training.step import draw_micro_batches, step_generator, train_step
 from ddpm_dist.training.watchdog import FAULT_EXIT_STATUS, Watchdog
-from ddpm_dist.training.telemetry import (MetricsWriter, StepTally, StepTimer, memory_gb, model_flops_per_image,
-                                          peak_flops)
+from ddpm_dist.training.telemetry import (SAMPLE_GRID_TAG, MetricsWriter, StepTally, StepTimer, memory_gb,
+                                          model_flops_per_image, peak_flops)
 from ddpm_dist.utils.folder_lock import FolderBusyError, FolderLock, lock_folder
 from ddpm_dist.utils.logs import log, setup_logging
 from ddpm_dist.utils.parent_death import end_with_launcher
@@ -239,15 +240,18 @@ class Run:
 
     def sample_grid(self, done: int) -> None:
         """EMA samples from a fixed seed; every rank computes (sharded models need all of them),
-        rank 0 writes the grid."""
+        rank 0 writes the grid. Grids before the last step take train.sample_steps respaced steps."""
         cfg, device = self.cfg, self.info.device
         shape = (cfg.train.num_samples, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
         gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, Purpose.SAMPLE_GRID))
+        diffusion, model = self.diffusion, self.engine.model
+        if cfg.train.sample_steps and done < cfg.train.total_steps:
+            diffusion, kept = respace(self.diffusion, cfg.train.sample_steps)
+            model = TimestepMap(model, kept)
         with self.engine.ema_weights(), self.engine.autocast():
-            x = self.diffusion.p_sample_loop(self.engine.model, shape, generator=gen, device=device,
-                                             progress=self.writer.enabled)
+            x = diffusion.p_sample_loop(model, shape, generator=gen, device=device, progress=self.writer.enabled)
         grid = make_grid(to_uint8(x).cpu())
-        self.writer.image(done, "samples/ema", grid)
+        self.writer.image(done, SAMPLE_GRID_TAG, grid)
         if self.writer.enabled:
             (self.out_dir / "samples").mkdir(exist_ok=True)
             save_png(grid, self.out_dir / "samples" / f"step_{done:08d}.png")

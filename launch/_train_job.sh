@@ -7,7 +7,7 @@
 # Environment (all optional):
 #   DDPM_REPO       checkout to run in            (default: the directory sbatch was called from)
 #   DDPM_CONFIG     YAML config                   (default: $DEFAULT_CONFIG)
-#   DDPM_OUT_DIR    run folder: checkpoints, metrics.jsonl, tb/   (default: runs/<config name>)
+#   DDPM_OUT_DIR    run folder: checkpoints, metrics.jsonl, TensorBoard events (default: runs/<config name>)
 #   DDPM_DATA       data.source: a shard folder or s3://bucket/prefix/  (default: the config's)
 #   DDPM_OVERRIDES  more key=value settings, space-separated; arguments after the script
 #                   name on the sbatch line are appended to them. All of these are resolved

@@ -35,9 +35,9 @@ def _train(run: Path, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _tensorboard_scalars(tb: Path, tag: str) -> list[tuple[int, float]]:
+def _tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(tb))
+    events = EventAccumulator(str(run))  # the event files are in the run folder
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
@@ -59,11 +59,11 @@ def test_each_checkpoint_becomes_a_tensorboard_point_from_its_own_slurm_job(slur
             proc.kill()
     assert trainer.returncode == 0, train_err[-3000:]
     assert watcher.returncode == 0, err[-3000:]
-    points = _tensorboard_scalars(run / "tb", "eval/fid12")
+    points = _tensorboard_scalars(run, "eval/fid12")
     assert [step for step, _ in points] == [4, 8] and all(np.isfinite(v) for _, v in points)
     rows = [json.loads(line) for line in (run / "eval" / "track" / "fid12.jsonl").read_text().splitlines()]
     assert [(r["step"], r["fid"]) for r in rows] == [(s, pytest.approx(v)) for s, v in points]
-    assert [s for s, _ in _tensorboard_scalars(run / "tb", "eval/is12")] == [4, 8]
+    assert [s for s, _ in _tensorboard_scalars(run, "eval/is12")] == [4, 8]
     for step in (4, 8):  # each evaluation ran as a Slurm job of its own, with 2 tasks
         assert len(list((run / "eval" / "track" / f"step_{step:08d}" / "samples" / "slurm").glob("*_log.out"))) == 2
     assert err.count("submitted Slurm job") == 2

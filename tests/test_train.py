@@ -134,22 +134,48 @@ def test_in_channels_other_than_1_or_3_is_one_error_line(tmp_path):
     assert code == 2 and err.strip() == "error: model.in_channels: must be 1 (grey) or 3 (RGB), got 2"
 
 
-def test_tensorboard_events_read_back(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def _custom_scalars_layout(events):
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
+    return layout
 
-    run = tmp_path / "run"
-    assert run_train(run, "train.total_steps=3", "train.sample_every=3")[0] == 0
-    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+
+def test_tensorboard_lists_runs_by_name_with_grouped_tags_and_grids_during_training(tmp_path):
+    """`tensorboard --logdir runs` shows the run by its folder name, tags grouped by namespace,
+    one custom-scalars layout (loss first, the loss by quarter of t on one chart), and sample
+    grids at every sample step; metrics.jsonl keeps its flat keys."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    run = tmp_path / "runs" / "tiny"
+    assert run_train(run, "train.total_steps=4", "train.sample_every=2", "train.sample_steps=5")[0] == 0
+    assert run_train(run, "train.total_steps=6", "train.sample_every=2", "train.sample_steps=5")[0] == 0  # resumes
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "runs"))
+    assert list(runs.Runs()) == ["tiny"]
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    tags = events.Tags()
-    assert {"loss", "grad_norm", "lr", "perf/images_per_s"} <= set(tags["scalars"])
-    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
-    assert "samples/ema" in tags["images"]
+    scalars = set(events.Tags()["scalars"])
+    by_t = {f"train/loss_by_t/q{q}" for q in range(4)}
+    assert {"train/loss", "opt/grad_norm", "opt/lr", "opt/skipped_steps", "perf/images_per_s",
+            "data/skipped_samples"} | by_t <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "loss_q0", "grad_norm", "lr"} <= set(json.loads((run / "metrics.jsonl").read_text().splitlines()[0]))
+
+    layout = _custom_scalars_layout(events)
+    assert len(list(run.glob("*.layout"))) == 1  # written once per run, not once per start
+    first = layout.category[0]
+    assert first.title == "train" and [c.multiline.tag for c in first.chart[:1]] == [["^train/loss$"]]
+    regex = first.chart[1].multiline.tag[0]
+    assert {tag for tag in scalars if re.search(regex, tag)} == by_t  # the four quarters on one chart
+
+    assert [e.step for e in events.Images("samples/ema")] == [2, 4, 6]
     with Image.open(io.BytesIO(events.Images("samples/ema")[0].encoded_image_string)) as shown:
         r, g, b = shown.convert("RGB").split()
         assert r.tobytes() == g.tobytes() == b.tobytes()  # the grey grid, shown as grey
-    assert (run / "samples" / "step_00000003.png").is_file()
-    assert load_config(run / "config.yaml").train.total_steps == 3
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [f"step_0000000{s}.png" for s in (2, 4, 6)]
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ Sample i is drawn from the noise stream keyed by (seed, i) (ddpm_dist/noise.py:
 a rerun skips finished samples and resamples broken PNGs. `DIR/manifest.json` records the
 weights hash, sampler, steps, eta, bf16, seed and noise generator: a rerun into DIR with other
 ones stops with one line unless --overwrite (which deletes DIR's samples first). The run ends
-with `DIR/samples_{N}x{H}x{W}x3.npz` and `DIR/result.json` (N, seed, sampler, steps, weights
-hash; FID/IS and the Inception pipeline when scoring, plus the samples' `inception_stats.npz`).
+with `DIR/samples_{N}x{H}x{W}x3.npz`, `DIR/samples_grid.png` (the first 64 samples) and
+`DIR/result.json` (N, seed, sampler, steps, weights hash; FID/IS and the Inception pipeline when
+scoring, plus the samples' `inception_stats.npz`).
 Scoring is on with --ref-stats, --inception-weights or --score. `--seeds 3` samples seeds S,
 S+1, S+2 (disjoint: noise keys mix (seed, i)) into DIR/seed_<s>/ and reports FID mean ± sample
 std (ddof=1). On a GPU the network runs channels_last and compiled once (--compile auto);
@@ -31,6 +32,7 @@ from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
 from ddpm_dist.evaluation.generate import SampleJob, auto_batch_size, check_output, generate
+from ddpm_dist.evaluation.grid import GRID_FILE, write_samples_grid
 from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace
@@ -150,6 +152,7 @@ def preflight(args) -> None:
 
 
 def finish(args, result: dict) -> None:
+    write_samples_grid(result["runs"][0]["out"], Path(args.out) / GRID_FILE)  # a look at what was scored
     atomic_write(Path(args.out) / "result.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
 

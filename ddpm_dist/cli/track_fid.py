@@ -7,9 +7,9 @@
 Start it beside the training job (on a login node, or as a small CPU job). For each new
 checkpoint it exports the EMA weights and runs tools/fid_sample.py with the sampling flags given
 here (with --launcher slurm: a Slurm job of its own), then writes eval/fid10k and eval/is10k at
-that step into RUN/tb and RUN/eval/track/fid10k.jsonl. It ends once the run's last step is
-evaluated, with --once after the checkpoints there now, or after --max-idle-min without a new
-one. Exit status 1 if an evaluation failed twice.
+that step into the run's TensorBoard (an event file in RUN) and RUN/eval/track/fid10k.jsonl. It
+ends once the run's last step is evaluated, with --once after the checkpoints there now, or after
+--max-idle-min without a new one. Exit status 1 if an evaluation failed twice.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("run", help="the training run folder (its checkpoints/ and tb/)")
+    p.add_argument("run", help="the training run folder (its checkpoints/ and TensorBoard event files)")
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--ref-stats", required=True, metavar="NPZ", help="reference mu/sigma (tools/fid_stats.py)")
     p.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid Inception state dict")

@@ -4,7 +4,7 @@ For each new `RUN/checkpoints/step_N`, it exports the EMA weights, has them samp
 (by the `SampleAndScore` the tool gives it: tools/track_fid.py runs tools/fid_sample.py as a
 process of its own, on Slurm a job of its own), and writes
 `eval/fid<K>` and `eval/is<K>` at step N into the run's TensorBoard (its own event file in
-RUN/tb) and into RUN/eval/track/fid<K>.jsonl. Training never waits for it. A failed evaluation
+the run folder) and into RUN/eval/track/fid<K>.jsonl. Training never waits for it. A failed evaluation
 leaves the run untouched: the watcher logs one line, tries that step once more, then moves on. Everything it writes is under RUN/eval/track/ and its event file.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ddpm_dist.modelio.source import export_checkpoint
 from ddpm_dist.training.checkpoint import checkpoint_config, complete_checkpoints, step_of
+from ddpm_dist.training.telemetry import events_dir
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 2  # per checkpoint
@@ -26,6 +27,11 @@ ATTEMPTS = 2  # per checkpoint
 # (model file, samples folder): sample and score the model, leaving the folder's result.json
 # (fid, inception_score, weights_sha256); raise RuntimeError with one line if that fails.
 SampleAndScore = Callable[[Path, Path], None]
+
+
+def track_folder(run: Path) -> Path:
+    """Everything the watcher writes: its exports and samples per step, and fid<K>.jsonl."""
+    return Path(run) / "eval" / "track"
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class Tracker:
 
     @property
     def folder(self) -> Path:
-        return self.run / "eval" / "track"
+        return track_folder(self.run)
 
     @property
     def results(self) -> Path:
@@ -75,7 +81,7 @@ class Tracker:
 
     def record(self, row: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
-        with SummaryWriter(str(self.run / "tb"), filename_suffix=".track_fid") as tb:
+        with SummaryWriter(str(events_dir(self.run)), filename_suffix=".track_fid") as tb:
             if row["fid"] is not None:
                 tb.add_scalar(f"eval/fid{self.tag}", row["fid"], global_step=row["step"])
             tb.add_scalar(f"eval/is{self.tag}", row["inception_score"], global_step=row["step"])

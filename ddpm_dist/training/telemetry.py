@@ -1,6 +1,13 @@
 """What a run reports: TensorBoard scalars and images plus a JSONL copy (`metrics.jsonl`, read by
 scripts and tests without TensorBoard), and the numbers behind them: throughput, MFU from a
-FLOP count of the model, memory, loss by quarter of t."""
+FLOP count of the model, memory, loss by quarter of t.
+
+TensorBoard groups its charts by the tag's first path part, so the tags are namespaced
+(`train/`, `train/loss_by_t/`, `opt/`, `perf/`, `data/`, `eval/`, `samples/`) and one
+custom-scalars layout per run puts the loss first and the loss by quarter of t on one chart.
+metrics.jsonl keeps the flat keys it always had (`TB_TAGS` maps them). Event files go into the
+run folder itself (`events_dir`): TensorBoard names a run by the folder of its event files, so
+`tensorboard --logdir runs` lists every run by its name."""
 from __future__ import annotations
 
 import json
@@ -118,6 +125,47 @@ class StepTally:
         return out
 
 
+# metrics.jsonl key → TensorBoard tag, for the keys outside a namespace; the others keep theirs.
+TB_TAGS = {"loss": "train/loss", **{f"loss_q{q}": f"train/loss_by_t/q{q}" for q in range(4)},
+           "lr": "opt/lr", "grad_norm": "opt/grad_norm", "skipped_steps": "opt/skipped_steps",
+           "nonfinite_run": "opt/nonfinite_run"}
+SAMPLE_GRID_TAG = "samples/ema"
+LAYOUT_SUFFIX = ".layout"  # the event file that holds the run's custom-scalars layout
+
+
+def events_dir(run_dir: str | Path) -> Path:
+    """Where every writer of a run (training, the FID watcher, the report) puts its event files."""
+    return Path(run_dir)
+
+
+def tb_tag(key: str) -> str:
+    return TB_TAGS.get(key, key)
+
+
+def scalars_layout() -> dict:
+    """The custom-scalars dashboard (category → chart → multiline of tag regexes), in reading
+    order: the loss, then its breakdown by t, the optimizer, speed, data and evaluation."""
+    return {"train": {"loss": ["Multiline", [r"^train/loss$"]],
+                      "loss by quarter of t (q0: t < T/4 ... q3: t >= 3T/4)": ["Multiline", [r"^train/loss_by_t/"]]},
+            "opt": {"learning rate": ["Multiline", [r"^opt/lr$"]],
+                    "gradient norm (before clipping)": ["Multiline", [r"^opt/grad_norm$"]],
+                    "skipped steps (non-finite)": ["Multiline", [r"^opt/skipped_steps$", r"^opt/nonfinite_run$"]]},
+            "perf": {"images/s": ["Multiline", [r"^perf/images_per_s"]], "MFU": ["Multiline", [r"^perf/mfu$"]],
+                     "memory (GiB)": ["Multiline", [r"^memory/"]]},
+            "data": {"skipped samples": ["Multiline", [r"^data/"]]},
+            "eval": {"FID": ["Multiline", [r"^eval/fid"]], "Inception Score": ["Multiline", [r"^eval/is"]]}}
+
+
+def write_layout(tb_dir: Path) -> None:
+    """Once per run: the layout lives in its own event file, written when the run has none."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if any(tb_dir.glob(f"*{LAYOUT_SUFFIX}")):
+        return
+    with SummaryWriter(str(tb_dir), filename_suffix=LAYOUT_SUFFIX) as tb:
+        tb.add_custom_scalars(scalars_layout())
+
+
 class MetricsWriter:
     """TensorBoard + JSONL on rank 0; a no-op elsewhere. Import of tensorboard is deferred so the
     core does not need it."""
@@ -129,14 +177,15 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out_dir = Path(out_dir)
-        self.tb = SummaryWriter(str(self.out_dir / "tb"))
+        self.tb = SummaryWriter(str(events_dir(self.out_dir)))
+        write_layout(events_dir(self.out_dir))
         self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         for name, value in values.items():
-            self.tb.add_scalar(name, value, step)
+            self.tb.add_scalar(tb_tag(name), value, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
 
