@@ -120,3 +120,59 @@ def test_sbatch_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multin
     assert state == "COMPLETED", log[-3000:]
     assert "2 tasks on node[1-2]" in log and "ddp on 2 x cpu" in log, log[-3000:]
     assert_same_training(run_dir, one_node_run)
+
+
+@pytest.mark.slow
+def test_submitit_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multinode_s3, digits_url, one_node_run,
+                                                         tmp_path, monkeypatch):
+    from ddpm_dist.cli import submit  # what launch/submit.py and ddpm-submit run
+    for key in set(os.environ) - set(multinode_s3["env"]):
+        monkeypatch.delenv(key)  # submitit's sbatch passes this process's environment on
+    for key, value in multinode_s3["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)
+    args = submit.parse_args([
+        "--config", "configs/demo_digits.yaml", "--partition", multinode_cluster["partition"], "--nodes", "2",
+        "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "10",
+        "--folder", str(tmp_path / "submitit"), "--out-root", str(tmp_path), *train_overrides(digits_url)])
+    (job,) = submit.submit(args)
+    env = multinode_s3["env"]
+    try:
+        state = wait_done(env, job.job_id, 300)
+    finally:
+        cancel(env, job.job_id)
+    assert state == "COMPLETED", Path(job.paths.stderr).read_text()[-3000:]
+    assert job_field(env, job.job_id, "NodeList") == "node[1-2]" and job.results() == [STEPS, STEPS]
+    assert_same_training(tmp_path / "demo_digits", one_node_run)
+
+
+def free_port_on(cluster: dict, node: str) -> int:
+    """A port nothing listens on inside the node's network namespace."""
+    code = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+    out = subprocess.run([cluster["on"], node, sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return int(out)
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multinode_s3, digits_url,
+                                                            one_node_run, tmp_path):
+    """Users without Slurm: one torchrun per node, c10d rendezvous on node1."""
+    run_dir = tmp_path / "run"
+    port = free_port_on(multinode_cluster, "node1")
+    env = dict(multinode_s3["env"], PYTHONPATH=str(REPO))
+    procs = []
+    for rank, node in enumerate(("node1", "node2")):
+        cmd = [multinode_cluster["on"], node, sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               f"--node-rank={rank}", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=node1:{port}",
+               "--rdzv-id=multinode-test", "-m", "ddpm_dist.train", "--config", "configs/demo_digits.yaml",
+               f"out_dir={run_dir}", *train_overrides(digits_url)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert_same_training(run_dir, one_node_run)
