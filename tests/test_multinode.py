@@ -176,3 +176,64 @@ def test_torchrun_on_two_nodes_trains_bitwise_like_one_node(multinode_cluster, m
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     assert_same_training(run_dir, one_node_run)
+
+
+# ------------------------------------------------------------ evaluation tools over 2 nodes ---
+
+def eval_tool(env: dict, name: str, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def on_two_nodes(cluster: dict, world_size: int) -> list:
+    return ["--world-size", world_size, "--launcher", "slurm", "--nodes", 2, "--gpus-per-node", 0,
+            "--cpus-per-task", 1, "--timeout-min", 10, "--partition", cluster["partition"]]
+
+
+def test_eval_tasks_spread_over_the_nodes_asked_for():
+    from ddpm_dist.launch.ranks import eval_resources
+    res = eval_resources(4, gpus_per_node=0, nodes=2)
+    assert (res.nodes, res.tasks_per_node, res.gpus_per_node) == (2, 2, 0)
+    res = eval_resources(8, gpus_per_node=8, nodes=2)
+    assert (res.nodes, res.tasks_per_node, res.gpus_per_node) == (2, 4, 4)
+    assert eval_resources(16, gpus_per_node=8).nodes == 2  # without --nodes: as few as hold them
+    with pytest.raises(ValueError, match="--world-size 3 must be --nodes 2 times"):
+        eval_resources(3, gpus_per_node=0, nodes=2)
+    with pytest.raises(ValueError, match="at most --gpus-per-node 4"):
+        eval_resources(16, gpus_per_node=4, nodes=2)
+
+
+@pytest.mark.slow
+def test_fid_sample_over_two_nodes_writes_and_scores_like_one_process(multinode_cluster, tmp_path):
+    import numpy as np
+    from test_sampling import _pngs, _random_inception, _save_random_model
+    model = _save_random_model(tmp_path / "tiny.safetensors")
+    weights = _random_inception(tmp_path / "inception.pth")
+    common = ["--ckpt", model, "--num-samples", 10, "--seed", 7, "--device", "cpu", "--batch-size", 5,
+              "--inception-weights", weights]
+    env = multinode_cluster["env"]
+    eval_tool(env, "fid_sample.py", *common, "--out", tmp_path / "one", "--world-size", 1)
+    proc = eval_tool(env, "fid_sample.py", *common, "--out", tmp_path / "two", *on_two_nodes(multinode_cluster, 2))
+    assert "2 tasks on 2 node(s)" in proc.stdout
+    assert _pngs(tmp_path / "two") == _pngs(tmp_path / "one") and len(_pngs(tmp_path / "one")) == 10
+    with np.load(tmp_path / "one" / "inception_stats.npz") as one, np.load(tmp_path / "two" / "inception_stats.npz") as two:
+        assert np.abs(one["sigma"]).max() > 1e-4  # features that can differ
+        np.testing.assert_allclose(two["mu"], one["mu"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=1e-9, atol=1e-12)
+    one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
+    assert two["world_size"] == 2 and two["inception_score"] == pytest.approx(one["inception_score"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_eval_nll_over_two_nodes_equals_one_process(multinode_cluster, tmp_path):
+    from test_sampling import _save_random_model
+    model = _save_random_model(tmp_path / "tiny.safetensors")
+    common = ["--ckpt", model, "--data", "digits", "--num-images", 4, "--batch-size", 2, "--device", "cpu"]
+    env = multinode_cluster["env"]
+    eval_tool(env, "eval_nll.py", *common, "--out", tmp_path / "one.json", "--world-size", 1)
+    eval_tool(env, "eval_nll.py", *common, "--out", tmp_path / "two.json", *on_two_nodes(multinode_cluster, 2))
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["world_size"] == 2 and two["num_images"] == one["num_images"] == 4
+    assert two["bits_per_dim"] == one["bits_per_dim"]
