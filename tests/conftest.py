@@ -23,17 +23,17 @@ import pytest  # noqa: E402
 SERVICES = Path(__file__).parent / "services"
 
 
-def _free_port_pair(taken: set[int]) -> int:
-    """A port p with p and p + 10000 free on 127.0.0.1 (weed uses port + 10000 for gRPC)."""
+def _free_port_pair(taken: set[int], host: str = "127.0.0.1") -> int:
+    """A port p with p and p + 10000 free on `host` (weed uses port + 10000 for gRPC)."""
     for _ in range(200):
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             port = s.getsockname()[1]
         if port + 10000 > 65535 or {port, port + 10000} & taken:
             continue
         try:
             with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
+                s.bind((host, port + 10000))
         except OSError:
             continue
         taken |= {port, port + 10000}
@@ -43,16 +43,18 @@ def _free_port_pair(taken: set[int]) -> int:
 
 class S3Server:
     """One SeaweedFS: `up()`, `down()` (data survives unless --purge), `endpoint`, `bucket`, and
-    `client_env()`: the AWS_* variables a client uses."""
+    `client_env()`: the AWS_* variables a client uses. It listens on `host` only (the multi-node
+    tests give it their bridge's address, which every node reaches)."""
 
-    def __init__(self, state_dir: Path, access_key: str = "test-access-key", secret_key: str = "test-secret-key"):
+    def __init__(self, state_dir: Path, access_key: str = "test-access-key", secret_key: str = "test-secret-key",
+                 host: str = "127.0.0.1"):
         taken: set[int] = set()
         names = ("PORT", "MASTER_PORT", "VOLUME_PORT", "FILER_PORT")
         self.state_dir = Path(state_dir)
-        self.env = {**os.environ, "S3_TEST_DIR": str(state_dir),
-                    **{f"S3_TEST_{n}": str(_free_port_pair(taken)) for n in names},
+        self.env = {**os.environ, "S3_TEST_DIR": str(state_dir), "S3_TEST_HOST": host,
+                    **{f"S3_TEST_{n}": str(_free_port_pair(taken, host)) for n in names},
                     "S3_TEST_ACCESS_KEY": access_key, "S3_TEST_SECRET_KEY": secret_key}
-        self.endpoint = f"http://127.0.0.1:{self.env['S3_TEST_PORT']}"
+        self.endpoint = f"http://{host}:{self.env['S3_TEST_PORT']}"
         self.bucket = "test-bucket"
 
     def up(self) -> None:
@@ -92,6 +94,7 @@ def s3_server(tmp_path_factory):
 
 
 from slurm_fixtures import *  # noqa: E402,F401,F403  (Slurm test cluster: tests/slurm_fixtures.py)
+from multinode_fixtures import *  # noqa: E402,F401,F403  (2-node cluster: tests/multinode_fixtures.py)
 
 
 # ----------------------------------------------------- a private S3 server ---

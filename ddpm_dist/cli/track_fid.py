@@ -52,7 +52,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
               "--launcher", args.launcher, "--gpus-per-node", str(args.gpus_per_node),
               "--timeout-min", str(args.timeout_min)]
     for flag, value in (("--inception-weights", args.inception_weights), ("--steps", args.steps or None),
-                        ("--partition", args.partition), ("--cpus-per-task", args.cpus_per_task)):
+                        ("--partition", args.partition), ("--cpus-per-task", args.cpus_per_task),
+                        ("--nodes", args.nodes)):
         if value is not None:
             sample += [flag, str(value)]
     return args, sample

@@ -80,17 +80,25 @@ def _wait_all(procs: list[subprocess.Popen]) -> int:
         time.sleep(0.2)
 
 
-def eval_resources(world_size: int, *, gpus_per_node: int, cpus_per_task: int | None = None,
+def eval_resources(world_size: int, *, gpus_per_node: int, nodes: int | None = None, cpus_per_task: int | None = None,
                    timeout_min: int = 24 * 60, partition: str | None = None, name: str = "ddpm-eval") -> JobResources:
-    """W tasks: one GPU each over ceil(W / gpus_per_node) nodes, or with `gpus_per_node=0` W CPU
-    tasks on one node. CPUs per task default to 8 with GPUs, 1 without."""
-    if gpus_per_node < 0 or world_size < 1:
-        raise ValueError(f"--gpus-per-node must be >= 0 and --world-size >= 1, got {gpus_per_node}, {world_size}")
-    per_node = min(world_size, gpus_per_node) if gpus_per_node else world_size
-    nodes = math.ceil(world_size / per_node)
-    if nodes * per_node != world_size:
-        raise ValueError(f"--world-size {world_size} must be at most --gpus-per-node {gpus_per_node} "
-                         f"or a multiple of it (Slurm starts the same task count on every node)")
+    """W tasks, the same count on every node: one GPU each over ceil(W / gpus_per_node) nodes, or
+    with `gpus_per_node=0` W CPU tasks on one node; `nodes` spreads them over that many nodes
+    instead (W / nodes each). CPUs per task default to 8 with GPUs, 1 without."""
+    if gpus_per_node < 0 or world_size < 1 or (nodes is not None and nodes < 1):
+        raise ValueError(f"--gpus-per-node must be >= 0, --world-size and --nodes >= 1, got {gpus_per_node}, "
+                         f"{world_size}, {nodes}")
+    if nodes is None:
+        per_node = min(world_size, gpus_per_node) if gpus_per_node else world_size
+        nodes = math.ceil(world_size / per_node)
+        if nodes * per_node != world_size:
+            raise ValueError(f"--world-size {world_size} must be at most --gpus-per-node {gpus_per_node} "
+                             f"or a multiple of it (Slurm starts the same task count on every node)")
+    per_node = world_size // nodes
+    if nodes * per_node != world_size or (gpus_per_node and per_node > gpus_per_node):
+        raise ValueError(f"--world-size {world_size} must be --nodes {nodes} times a task count per node"
+                         + (f" of at most --gpus-per-node {gpus_per_node}" if gpus_per_node else "")
+                         + " (Slurm starts the same task count on every node)")
     return JobResources(nodes=nodes, tasks_per_node=per_node, gpus_per_node=per_node if gpus_per_node else 0,
                         cpus_per_task=cpus_per_task or (8 if gpus_per_node else 1), timeout_min=timeout_min,
                         partition=partition, name=name)
@@ -121,10 +129,11 @@ def submit_command(module: str, argv: list[str], folder: str | Path, res: JobRes
 
 
 def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: int, folder: str | Path,
-              partition: str | None = None, timeout_min: int = 24 * 60, cpus_per_task: int | None = None) -> int:
+              partition: str | None = None, timeout_min: int = 24 * 60, cpus_per_task: int | None = None,
+              nodes: int | None = None) -> int:
     """`submit_command` on `eval_resources`, waiting for the job; one error line if it fails."""
     import submitit
-    res = eval_resources(world_size, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+    res = eval_resources(world_size, gpus_per_node=gpus_per_node, nodes=nodes, cpus_per_task=cpus_per_task,
                          timeout_min=timeout_min, partition=partition)
     job = submit_command(module, argv, folder, res)
     print(f"submitted Slurm job {job.job_id}: {world_size} tasks on {res.nodes} node(s); logs in {folder}",
@@ -150,6 +159,8 @@ def add_launch_arguments(parser) -> None:
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="slurm launcher; 0: CPU tasks")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="slurm launcher: spread the W tasks over this many nodes (default: as few as hold them)")
     parser.add_argument("--cpus-per-task", type=int, default=None, help="slurm launcher; default 8 with GPUs, 1 without")
     parser.add_argument("--partition", help="slurm launcher")
     parser.add_argument("--timeout-min", type=int, default=24 * 60, help="slurm launcher")

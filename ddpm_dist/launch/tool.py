@@ -40,7 +40,8 @@ def run_tool(tool: RankedTool, args: argparse.Namespace, argv: list[str] | None)
             if args.launcher == "slurm":
                 return run_slurm(tool.module, argv, args.world_size, gpus_per_node=args.gpus_per_node,
                                  folder=tool.slurm_folder(args), partition=args.partition,
-                                 timeout_min=args.timeout_min, cpus_per_task=args.cpus_per_task)
+                                 timeout_min=args.timeout_min, cpus_per_task=args.cpus_per_task,
+                                 nodes=args.nodes)
             return run_local(tool.module, argv, args.world_size)
         result = tool.run_rank(args)
         if result is not None:

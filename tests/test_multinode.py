@@ -1,0 +1,239 @@
+"""Training, sampling and scoring across two real hosts (tests/services/multinode_up.sh).
+
+node1 and node2 each have their own hostname and address; ranks rendezvous over the bridge, read
+the digits from an S3 server on the bridge, and write to the shared filesystem, as on a cluster.
+On CPU every result is a function of the rank and the world size, not of where a rank runs: a
+run over 2 nodes must equal, bit for bit, the same world size on one machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_dist.modelio.model_file import read_model_file
+from ddpm_dist.modelio.source import export_checkpoint
+
+pytestmark = pytest.mark.multinode
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+TINY = ["device=cpu", "engine=ddp", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+        "model.attn_resolutions=[8]", "diffusion.num_timesteps=50", "train.batch_size=8",
+        "train.num_samples=4", "train.log_every=1", "train.ckpt_every=3", "train.sample_every=1000",
+        f"train.total_steps={STEPS}"]
+CPU_TASK = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 0.5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def job_field(env: dict, job_id: str, field: str) -> str:
+    """A field of `scontrol show job` ('' when unknown); this cluster keeps no accounting."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "")
+
+
+def wait_done(env: dict, job_id: str, timeout: float) -> str:
+    return wait_for(f"job {job_id} to end", lambda: (s := job_field(env, job_id, "JobState")) in FINAL and s, timeout)
+
+
+def cancel(env: dict, job_id: str) -> None:
+    subprocess.run(["scancel", job_id], env=env, capture_output=True)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def ema_weights(run_dir: Path) -> dict:
+    out = run_dir.parent / f"{run_dir.name}.safetensors"
+    export_checkpoint(str(run_dir), str(out))
+    return read_model_file(out)[0]
+
+
+def assert_same_training(run_dir: Path, reference: Path) -> None:
+    """Every step's logged loss and the exported EMA weights, bit for bit."""
+    assert losses(run_dir) == losses(reference) and sorted(losses(reference)) == list(range(1, STEPS + 1))
+    got, want = ema_weights(run_dir), ema_weights(reference)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.fixture(scope="module")
+def digits_url(multinode_s3):
+    """The digits as shards on the bridge's S3 server."""
+    url = f"s3://{multinode_s3['bucket']}/digits-{uuid.uuid4().hex[:8]}"
+    cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--no-progress", "--source", "digits",
+           "--resolution", "16", "--max-samples", "200", "--workers", "1", "--out", url]
+    proc = subprocess.run(cmd, env=multinode_s3["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return url
+
+
+def train_overrides(url: str) -> list[str]:
+    return [*TINY, f"data.source={url}"]
+
+
+@pytest.fixture(scope="module")
+def one_node_run(multinode_s3, digits_url, tmp_path_factory) -> Path:
+    """The reference: 2 ranks on this machine, `torchrun --standalone --nproc_per_node=2`."""
+    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "ddpm_dist.train", "--config", "configs/demo_digits.yaml", f"out_dir={run_dir}", *train_overrides(digits_url)]
+    proc = subprocess.run(cmd, cwd=REPO, env=multinode_s3["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_sbatch_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multinode_s3, digits_url, one_node_run,
+                                                       tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(multinode_s3["env"], DDPM_CONFIG="configs/demo_digits.yaml", DDPM_OUT_DIR=str(run_dir),
+               DDPM_OVERRIDES=" ".join(train_overrides(digits_url)), DDPM_PYTHON=sys.executable)
+    proc = subprocess.run(["sbatch", "--parsable", f"--partition={multinode_cluster['partition']}", "--nodes=2",
+                           "--ntasks-per-node=1", *CPU_TASK, f"--output={tmp_path}/job.log", "launch/train_lsun.sh"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    try:
+        state = wait_done(env, job_id, 300)
+    finally:
+        cancel(env, job_id)
+    log = (tmp_path / "job.log").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "2 tasks on node[1-2]" in log and "ddp on 2 x cpu" in log, log[-3000:]
+    assert_same_training(run_dir, one_node_run)
+
+
+@pytest.mark.slow
+def test_submitit_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multinode_s3, digits_url, one_node_run,
+                                                         tmp_path, monkeypatch):
+    from ddpm_dist.cli import submit  # what launch/submit.py and ddpm-submit run
+    for key in set(os.environ) - set(multinode_s3["env"]):
+        monkeypatch.delenv(key)  # submitit's sbatch passes this process's environment on
+    for key, value in multinode_s3["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)
+    args = submit.parse_args([
+        "--config", "configs/demo_digits.yaml", "--partition", multinode_cluster["partition"], "--nodes", "2",
+        "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "10",
+        "--folder", str(tmp_path / "submitit"), "--out-root", str(tmp_path), *train_overrides(digits_url)])
+    (job,) = submit.submit(args)
+    env = multinode_s3["env"]
+    try:
+        state = wait_done(env, job.job_id, 300)
+    finally:
+        cancel(env, job.job_id)
+    assert state == "COMPLETED", Path(job.paths.stderr).read_text()[-3000:]
+    assert job_field(env, job.job_id, "NodeList") == "node[1-2]" and job.results() == [STEPS, STEPS]
+    assert_same_training(tmp_path / "demo_digits", one_node_run)
+
+
+def free_port_on(cluster: dict, node: str) -> int:
+    """A port nothing listens on inside the node's network namespace."""
+    code = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+    out = subprocess.run([cluster["on"], node, sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return int(out)
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multinode_s3, digits_url,
+                                                            one_node_run, tmp_path):
+    """Users without Slurm: one torchrun per node, c10d rendezvous on node1."""
+    run_dir = tmp_path / "run"
+    port = free_port_on(multinode_cluster, "node1")
+    env = dict(multinode_s3["env"], PYTHONPATH=str(REPO))
+    procs = []
+    for rank, node in enumerate(("node1", "node2")):
+        cmd = [multinode_cluster["on"], node, sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               f"--node-rank={rank}", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=node1:{port}",
+               "--rdzv-id=multinode-test", "-m", "ddpm_dist.train", "--config", "configs/demo_digits.yaml",
+               f"out_dir={run_dir}", *train_overrides(digits_url)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert_same_training(run_dir, one_node_run)
+
+
+# ------------------------------------------------------------ evaluation tools over 2 nodes ---
+
+def eval_tool(env: dict, name: str, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def on_two_nodes(cluster: dict, world_size: int) -> list:
+    return ["--world-size", world_size, "--launcher", "slurm", "--nodes", 2, "--gpus-per-node", 0,
+            "--cpus-per-task", 1, "--timeout-min", 10, "--partition", cluster["partition"]]
+
+
+def test_eval_tasks_spread_over_the_nodes_asked_for():
+    from ddpm_dist.launch.ranks import eval_resources
+    res = eval_resources(4, gpus_per_node=0, nodes=2)
+    assert (res.nodes, res.tasks_per_node, res.gpus_per_node) == (2, 2, 0)
+    res = eval_resources(8, gpus_per_node=8, nodes=2)
+    assert (res.nodes, res.tasks_per_node, res.gpus_per_node) == (2, 4, 4)
+    assert eval_resources(16, gpus_per_node=8).nodes == 2  # without --nodes: as few as hold them
+    with pytest.raises(ValueError, match="--world-size 3 must be --nodes 2 times"):
+        eval_resources(3, gpus_per_node=0, nodes=2)
+    with pytest.raises(ValueError, match="at most --gpus-per-node 4"):
+        eval_resources(16, gpus_per_node=4, nodes=2)
+
+
+@pytest.mark.slow
+def test_fid_sample_over_two_nodes_writes_and_scores_like_one_process(multinode_cluster, tmp_path):
+    import numpy as np
+    from test_sampling import _pngs, _random_inception, _save_random_model
+    model = _save_random_model(tmp_path / "tiny.safetensors")
+    weights = _random_inception(tmp_path / "inception.pth")
+    common = ["--ckpt", model, "--num-samples", 10, "--seed", 7, "--device", "cpu", "--batch-size", 5,
+              "--inception-weights", weights]
+    env = multinode_cluster["env"]
+    eval_tool(env, "fid_sample.py", *common, "--out", tmp_path / "one", "--world-size", 1)
+    proc = eval_tool(env, "fid_sample.py", *common, "--out", tmp_path / "two", *on_two_nodes(multinode_cluster, 2))
+    assert "2 tasks on 2 node(s)" in proc.stdout
+    assert _pngs(tmp_path / "two") == _pngs(tmp_path / "one") and len(_pngs(tmp_path / "one")) == 10
+    with np.load(tmp_path / "one" / "inception_stats.npz") as one, np.load(tmp_path / "two" / "inception_stats.npz") as two:
+        assert np.abs(one["sigma"]).max() > 1e-4  # features that can differ
+        np.testing.assert_allclose(two["mu"], one["mu"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=1e-9, atol=1e-12)
+    one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
+    assert two["world_size"] == 2 and two["inception_score"] == pytest.approx(one["inception_score"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_eval_nll_over_two_nodes_equals_one_process(multinode_cluster, tmp_path):
+    from test_sampling import _save_random_model
+    model = _save_random_model(tmp_path / "tiny.safetensors")
+    common = ["--ckpt", model, "--data", "digits", "--num-images", 4, "--batch-size", 2, "--device", "cpu"]
+    env = multinode_cluster["env"]
+    eval_tool(env, "eval_nll.py", *common, "--out", tmp_path / "one.json", "--world-size", 1)
+    eval_tool(env, "eval_nll.py", *common, "--out", tmp_path / "two.json", *on_two_nodes(multinode_cluster, 2))
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["world_size"] == 2 and two["num_images"] == one["num_images"] == 4
+    assert two["bits_per_dim"] == one["bits_per_dim"]
