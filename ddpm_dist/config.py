@@ -256,8 +256,8 @@ def _check_choices(cfg: Config) -> None:
 # loader processes, data.retries no retry, data.retry_wait retry at once,
 # data.max_skip_fraction no skipped sample tolerated, model.dropout none, optim.beta1/beta2 no
 # averaging, optim.warmup_steps no warm-up, train.ema_decay EMA = weights, train.zero_stage
-# DeepSpeed without partitioning, train.num_samples no sample grids, train.sample_steps all diffusion steps, train.hang_timeout no
-# watchdog.
+# DeepSpeed without partitioning, train.num_samples no sample grids, train.sample_steps all
+# diffusion steps, train.hang_timeout no watchdog.
 _RULES = {
     "positive": lambda v: v > 0,
     "0 or more": lambda v: v >= 0,
@@ -280,7 +280,8 @@ RANGES = {
     "optim.grad_clip": "positive",
     "train.batch_size": "positive", "train.micro_batch_size": "positive", "train.total_steps": "positive",
     "train.ema_decay": "in [0, 1)", "train.zero_stage": "0, 1, 2 or 3", "train.log_every": "positive",
-    "train.sample_every": "positive", "train.num_samples": "0 or more", "train.sample_steps": "0 or more", "train.ckpt_every": "positive",
+    "train.sample_every": "positive", "train.num_samples": "0 or more", "train.sample_steps": "0 or more",
+    "train.ckpt_every": "positive",
     "train.keep_last": "at least 1", "train.collective_timeout": "positive", "train.hang_timeout": "0 or more",
     "seed": "0 or more and below 2^63",
 }
