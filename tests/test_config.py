@@ -177,6 +177,7 @@ ACCEPTED = {
     ("train.ema_decay", "0"): "the EMA weights are the weights",
     ("train.zero_stage", "0"): "DeepSpeed without ZeRO partitioning",
     ("train.num_samples", "0"): "no sample grids",
+    ("train.sample_steps", "0"): "sample grids use every diffusion step",
     ("train.hang_timeout", "0"): "no watchdog",
 }
 
