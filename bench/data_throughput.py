@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 
-from ddpm_dist.config import Config
+from ddpm_dist.config import DataConfig
 from ddpm_dist.data import build_stream, fs
 from ddpm_dist.data.convert import make_shards
 from ddpm_dist.data.digits import load_digits_images
@@ -89,9 +89,7 @@ def convert_rate(url: str, index: dict, res: int) -> float:
 
 def stream_rate(url: str, res: int, workers: int, batches: int = 20, batch: int = 32) -> float:
     """Steady state: the clock starts after the first batch (worker start-up excluded)."""
-    cfg = Config()
-    cfg.data.source, cfg.data.num_workers, cfg.model.resolution = url, workers, res
-    it = iter(build_stream(cfg, batch))
+    it = iter(build_stream(DataConfig(source=url, num_workers=workers), batch, resolution=res))
     next(it)
     t0 = time.perf_counter()
     for _ in itertools.islice(it, batches):

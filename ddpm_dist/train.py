@@ -136,8 +136,9 @@ class Run:
         self.flops = model_flops_per_image(model, cfg.model)
         self.diffusion = build_diffusion(cfg.diffusion)
         self.engine = build_engine(cfg, model, info.device, info)
-        self.stream = build_stream(cfg, self.micro_batch, rank=info.rank, world_size=info.world_size,
-                                   pin_memory=info.device.type == "cuda")
+        self.stream = build_stream(cfg.data, self.micro_batch, resolution=cfg.model.resolution,
+                                   channels=cfg.model.in_channels, seed=cfg.seed, rank=info.rank,
+                                   world_size=info.world_size, pin_memory=info.device.type == "cuda")
         self.start, changes = self._resume()
         if info.is_main:  # only once the checkpoint fits: a rejected run leaves the run's config
             self.out_dir.mkdir(parents=True, exist_ok=True)

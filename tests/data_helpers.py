@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpm_dist.config import Config
+from ddpm_dist.config import DataConfig
 from ddpm_dist.data import build_stream
 from ddpm_dist.data.batch import to_model_input
 from ddpm_dist.data.convert import make_shards
@@ -36,13 +36,8 @@ def write_noise_shards(out, n=120, res=8, max_samples=10) -> str:
 
 def stream_for(url, *, batch=4, rank=0, world=1, workers=0, flip=False, res=8, seed=1, channels=3, **data):
     """The rank's stream over `url`; extra keywords are DataConfig settings (retries=1, ...)."""
-    cfg = Config()
-    cfg.data.source, cfg.data.num_workers, cfg.data.flip = url, workers, flip
-    for key, value in data.items():
-        setattr(cfg.data, key, value)
-    cfg.model.resolution, cfg.seed = res, seed
-    cfg.model.in_channels = cfg.model.out_ch = channels
-    return build_stream(cfg, batch, rank=rank, world_size=world)
+    settings = DataConfig(source=url, num_workers=workers, flip=flip, **data)
+    return build_stream(settings, batch, resolution=res, channels=channels, seed=seed, rank=rank, world_size=world)
 
 
 def model_inputs(stream, n: int) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_dist.config import Config
+from ddpm_dist.config import DataConfig
 from ddpm_dist.data import build_stream
 from ddpm_dist.data.batch import ImageBatch, to_model_input
 from ddpm_dist.data.memory import MemoryStream
@@ -98,8 +98,6 @@ def test_memory_stream_model_inputs_equal_the_seeded_order_and_flips():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 @pytest.mark.parametrize("source", ["shards", "digits"])
 def test_a_stream_for_cuda_sends_pinned_batches(tmp_path, source):
-    cfg = Config()
-    cfg.data.source = write_noise_shards(tmp_path) if source == "shards" else "digits"
-    cfg.data.num_workers, cfg.model.resolution = 1, 8
-    batch = next(iter(build_stream(cfg, 4, pin_memory=True)))
+    data = DataConfig(source=write_noise_shards(tmp_path) if source == "shards" else "digits", num_workers=1)
+    batch = next(iter(build_stream(data, 4, resolution=8, pin_memory=True)))
     assert batch.images.is_pinned() and batch.flips.is_pinned()

@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import s3_restart
 from data_helpers import keys, model_inputs, stream_for, webdataset_samples, write_noise_shards
-from ddpm_dist.config import Config
+from ddpm_dist.config import DataConfig
 from ddpm_dist.data import build_stream
 from ddpm_dist.data.digits import load_digits_images
 from ddpm_dist.data.fs import DataConfigError
@@ -130,11 +130,10 @@ def test_stream_recovers_when_the_server_restarts(s3_server, caplog):
 
 
 def test_wrong_endpoint_is_one_clear_error_within_seconds(noise_url):
-    cfg = Config()
-    cfg.data.source, cfg.data.s3_endpoint, cfg.model.resolution = noise_url, "http://127.0.0.1:1", 8
+    data = DataConfig(source=noise_url, s3_endpoint="http://127.0.0.1:1")
     t0 = time.monotonic()
     with pytest.raises(DataConfigError, match="cannot connect") as info:
-        build_stream(cfg, 4)
+        build_stream(data, 4, resolution=8)
     assert time.monotonic() - t0 < 10 and "\n" not in str(info.value)
 
 

@@ -7,26 +7,26 @@ for its position, so a resumed run continues the same sample sequence.
 """
 from __future__ import annotations
 
-from ddpm_dist.config import Config
+from ddpm_dist.config import DataConfig
 
 
-def build_stream(cfg: Config, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False):
-    """The training stream of one rank: `batch_size` images per batch at the model's resolution
-    and channel count. pin_memory (for a CUDA device): batches arrive in page-locked memory, so
-    the copy to the device is asynchronous (shard batches and the in-memory digits' alike)."""
-    if cfg.data.source == "digits":
+def build_stream(data: DataConfig, batch_size: int, *, resolution: int, channels: int = 3, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    """The training stream of one rank from the config's `data` section: `batch_size` images per
+    batch at the model's `resolution` and `channels`, in the order `seed` gives. pin_memory (for
+    a CUDA device): batches arrive in page-locked memory, so the copy to the device is
+    asynchronous (shard batches and the in-memory digits' alike)."""
+    if data.source == "digits":
         from ddpm_dist.data.digits import load_digits_images
         from ddpm_dist.data.memory import MemoryStream
 
-        images = load_digits_images(cfg.model.resolution, cfg.model.in_channels)
-        return MemoryStream(images, batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
-                            flip=cfg.data.flip, pin_memory=pin_memory)
+        images = load_digits_images(resolution, channels)
+        return MemoryStream(images, batch_size, rank=rank, world_size=world_size, seed=seed, flip=data.flip,
+                            pin_memory=pin_memory)
     from ddpm_dist.data.stream import open_shard_stream
 
-    return open_shard_stream(cfg.data.source, batch_size=batch_size, resolution=cfg.model.resolution,
-                             channels=cfg.model.in_channels, rank=rank, world_size=world_size,
-                             seed=cfg.seed, data_cfg=cfg.data, pin_memory=pin_memory)
+    return open_shard_stream(data.source, batch_size=batch_size, resolution=resolution, channels=channels,
+                             rank=rank, world_size=world_size, seed=seed, data_cfg=data, pin_memory=pin_memory)
 
 
 def webdataset_urls(source: str, *, endpoint: str | None = None) -> list[str]:
