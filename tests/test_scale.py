@@ -193,3 +193,30 @@ def test_a_thousand_simulated_deepspeed_saves_fsync_without_a_missing_file(memor
         t.join(timeout=300)
     assert not any(t.is_alive() for t in threads), "a simulated rank hung"
     assert failures == [], f"{len(failures)} of {saves} saves failed: {failures[:3]}"
+
+
+# ---- eval_nll on shards: each rank reads its share of the test set --------------------------------
+
+def test_eval_nll_on_shards_reads_only_each_ranks_share(tmp_path, monkeypatch):
+    """512 test images in 64 shards of 8, on 64 simulated ranks: a rank's 8 images lie in one or
+    two shards. Strided indices put each rank's images in 8 shards, so every rank read the whole
+    test set between them."""
+    from data_helpers import write_noise_shards
+    from ddpm_dist.cli import eval_nll
+    from ddpm_dist.data import stream
+    world, n, per_shard = 64, 512, 8
+    shards = write_noise_shards(tmp_path / "test_shards", n=n, res=8, max_samples=per_shard)
+    save_config(_tiny_config(), tmp_path / "tiny.yaml")
+    reads: list[str] = []
+    real = stream.read_shard_at
+    monkeypatch.setattr(stream, "read_shard_at", lambda url, *a, **kw: (reads.append(url), real(url, *a, **kw))[1])
+    args = eval_nll.parse_args(["--random-init", "--config", str(tmp_path / "tiny.yaml"), "--data", shards,
+                                "--device", "cpu", "--batch-size", "8"])
+    per_rank = []
+    for rank in range(world):
+        with simulated_rank(rank, world, monkeypatch):
+            eval_nll.run_rank(args)
+        per_rank.append(len(reads))
+        reads.clear()
+    assert max(per_rank) <= math.ceil(n / world / per_shard) + 1, per_rank
+    assert sum(per_rank) <= n // per_shard + world, sum(per_rank)
