@@ -90,6 +90,10 @@ class TrainConfig:
     sample_every: int = 10_000
     num_samples: int = 64
     ckpt_every: int = 5_000
+    # Also save when this many minutes have passed since the last checkpoint (0: off), checked
+    # every 10 steps by rank 0's clock: at thousands of images per step a step count is minutes
+    # on one cluster and hours on another.
+    ckpt_every_minutes: float = 0.0
     keep_last: int = 3
     # A collective that waits longer than this (s) fails on every live rank: a dead or stopped
     # rank ends the job instead of hanging it. It must exceed the longest legitimate wait (a
@@ -235,7 +239,8 @@ def _check_ranges(cfg: Config) -> None:
     if t.collective_timeout <= 0:
         raise ConfigError(f"train.collective_timeout: must be positive (seconds), got {t.collective_timeout}")
     at_least_0 = {"data.retries": cfg.data.retries, "data.num_workers": cfg.data.num_workers,
-                  "data.retry_wait": cfg.data.retry_wait, "train.hang_timeout": t.hang_timeout}
+                  "data.retry_wait": cfg.data.retry_wait, "train.hang_timeout": t.hang_timeout,
+                  "train.ckpt_every_minutes": t.ckpt_every_minutes}
     for key, value in at_least_0.items():
         if value < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {value}")

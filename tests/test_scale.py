@@ -220,3 +220,121 @@ def test_eval_nll_on_shards_reads_only_each_ranks_share(tmp_path, monkeypatch):
         reads.clear()
     assert max(per_rank) <= math.ceil(n / world / per_shard) + 1, per_rank
     assert sum(per_rank) <= n // per_shard + world, sum(per_rank)
+
+
+# ---- the periodic sample grid: each rank samples its share of the rows ---------------------------
+
+class RowCounter(torch.nn.Module):
+    """The model, recording the batch size of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, []
+
+    def forward(self, x, t):
+        self.rows.append(x.shape[0])
+        return self.model(x, t)
+
+
+def _grid_model_and_diffusion():
+    from ddpm_dist.modelio.factory import build_diffusion, build_model
+    cfg = _tiny_config(num_timesteps=6)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised layers too
+    return model, build_diffusion(cfg.diffusion)
+
+
+GRID_SHAPE, GRID_SEED = (8, 3, 8, 8), 5
+
+
+def _grid_as_one_process_samples_it():
+    """What training's grid was before the split: all rows at once from one generator."""
+    from ddpm_dist.images import to_uint8
+    model, diffusion = _grid_model_and_diffusion()
+    gen = torch.Generator().manual_seed(GRID_SEED)
+    with torch.no_grad():
+        return to_uint8(diffusion.p_sample_loop(model, GRID_SHAPE, generator=gen, device=CPU))
+
+
+def _grid_worker(rank: int, world: int, port: int, out: str) -> None:
+    from ddpm_dist import distributed
+    from ddpm_dist.training.sample_grid import sample_grid
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    info = distributed.init_distributed("cpu")
+    try:
+        model, diffusion = _grid_model_and_diffusion()
+        counted = RowCounter(model)
+        with torch.no_grad():
+            grid = sample_grid(counted, diffusion, GRID_SHAPE, GRID_SEED, info)
+        torch.save({"rows": counted.rows, "grid": grid}, Path(out) / f"rank{rank}.pt")
+    finally:
+        distributed.teardown()
+
+
+def test_the_grid_split_over_3_gloo_ranks_is_the_one_process_grid_byte_for_byte(tmp_path):
+    import torch.multiprocessing as mp
+    from ddpm_dist.distributed import free_port
+    world = 3
+    mp.spawn(_grid_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    assert torch.equal(results[0]["grid"], _grid_as_one_process_samples_it())
+    assert all(r["grid"] is None for r in results[1:])
+    assert all(set(r["rows"]) == {math.ceil(GRID_SHAPE[0] / world)} for r in results)  # 3 of 8 rows each
+
+
+def test_at_512_ranks_each_samples_one_row_of_a_64_sample_grid(monkeypatch):
+    from ddpm_dist.training.sample_grid import sample_grid
+    model, diffusion = _grid_model_and_diffusion()
+    counted = RowCounter(model)
+    for rank in (0, 1, 63, 64, 511):
+        with simulated_rank(rank, W, monkeypatch) as info, torch.no_grad():
+            sample_grid(counted, diffusion, (64, 3, 8, 8), GRID_SEED, info)
+        assert counted.rows == [1] * diffusion.num_timesteps, (rank, counted.rows)
+        counted.rows.clear()
+
+
+# ---- time-based checkpoints: rank 0's clock decides for all ----------------------------------------
+
+def test_ckpt_every_minutes_is_validated():
+    from ddpm_dist.config import ConfigError, load_config
+    assert load_config("configs/demo_digits.yaml").train.ckpt_every_minutes == 0  # off
+    with pytest.raises(ConfigError, match="train.ckpt_every_minutes: must be 0 or more"):
+        load_config("configs/demo_digits.yaml", ["train.ckpt_every_minutes=-1"])
+
+
+def test_a_run_saves_by_the_clock_between_step_intervals(tmp_path):
+    """ckpt_every is far away; a tiny ckpt_every_minutes is due at every agreement point (every
+    10 steps), so step 10 is saved by the clock and step 11 as the last step."""
+    from ddpm_dist.config import load_config
+    from ddpm_dist.train import train
+    tiny = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[8]",
+            "diffusion.num_timesteps=50", "train.batch_size=4", "train.log_every=10", "train.num_samples=1",
+            "train.ckpt_every=1000", "train.keep_last=5", "train.total_steps=11"]
+    cfg = load_config("configs/demo_digits.yaml", [*tiny, f"out_dir={tmp_path}", "train.ckpt_every_minutes=1e-9"])
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000011"]
+
+
+def _agree_worker(rank: int, port: int) -> None:
+    from ddpm_dist import distributed
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    distributed.init_distributed("cpu")
+    try:
+        # (a stop signal on any rank, this rank's clock says a checkpoint is due)
+        assert distributed.agree_flags(False, rank == 1) == (False, False)  # rank 1's clock does not decide
+        assert distributed.agree_flags(rank == 1, rank == 0) == (True, True)
+        assert distributed.agree_flags(False, True) == (False, True)
+    finally:
+        distributed.teardown()
+
+
+def test_only_rank_0s_clock_decides_and_any_ranks_stop_signal_counts():
+    import torch.multiprocessing as mp
+    from ddpm_dist.distributed import free_port
+    mp.spawn(_agree_worker, args=(free_port(),), nprocs=2, join=True)
