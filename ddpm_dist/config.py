@@ -97,6 +97,10 @@ class TrainConfig:
     # grid always runs the full chain.
     sample_steps: int = 0
     ckpt_every: int = 5_000
+    # Also save when this many minutes have passed since the last checkpoint (0: off), checked
+    # every 10 steps by rank 0's clock: at thousands of images per step a step count is minutes
+    # on one cluster and hours on another.
+    ckpt_every_minutes: float = 0.0
     keep_last: int = 3
     # A collective that waits longer than this (s) fails on every live rank: a dead or stopped
     # rank ends the job instead of hanging it. It must exceed the longest legitimate wait (a
@@ -257,7 +261,7 @@ def _check_choices(cfg: Config) -> None:
 # data.max_skip_fraction no skipped sample tolerated, model.dropout none, optim.beta1/beta2 no
 # averaging, optim.warmup_steps no warm-up, train.ema_decay EMA = weights, train.zero_stage
 # DeepSpeed without partitioning, train.num_samples no sample grids, train.sample_steps all
-# diffusion steps, train.hang_timeout no watchdog.
+# diffusion steps, train.ckpt_every_minutes no timed saves, train.hang_timeout no watchdog.
 _RULES = {
     "positive": lambda v: v > 0,
     "0 or more": lambda v: v >= 0,
@@ -281,7 +285,7 @@ RANGES = {
     "train.batch_size": "positive", "train.micro_batch_size": "positive", "train.total_steps": "positive",
     "train.ema_decay": "in [0, 1)", "train.zero_stage": "0, 1, 2 or 3", "train.log_every": "positive",
     "train.sample_every": "positive", "train.num_samples": "0 or more", "train.sample_steps": "0 or more",
-    "train.ckpt_every": "positive",
+    "train.ckpt_every": "positive", "train.ckpt_every_minutes": "0 or more",
     "train.keep_last": "at least 1", "train.collective_timeout": "positive", "train.hang_timeout": "0 or more",
     "seed": "0 or more and below 2^63",
 }

@@ -210,6 +210,19 @@ def all_reduce_sum(tensors) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def agree_flags(any_rank: bool, rank0: bool) -> tuple[bool, bool]:
+    """(True if any rank's `any_rank` is, rank 0's `rank0`), the same on every rank, in one
+    all-reduce: a stop signal reaches one process and every rank must act on it, while a decision
+    by the clock is rank 0's alone, so ranks whose clocks drift apart still agree."""
+    if not dist.is_initialized():
+        return bool(any_rank), bool(rank0)
+    flags = [int(bool(any_rank)), int(bool(rank0) and dist.get_rank() == 0)]
+    t = torch.tensor(flags, dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    stop, due = t.tolist()
+    return bool(stop), bool(due)
+
+
 def any_flag(flag: bool) -> bool:
     """True on every rank when any rank says True: a preemption signal reaches one process, and
     all ranks must agree to stop (and save) at the same step boundary."""

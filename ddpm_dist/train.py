@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +24,13 @@ from ddpm_dist import distributed
 from ddpm_dist.config import Config, ConfigError, load_config, save_config
 from ddpm_dist.data import build_stream
 from ddpm_dist.data.fs import DataError, DataReadError
-from ddpm_dist.images import make_grid, save_png, to_uint8
+from ddpm_dist.images import make_grid, save_png
 from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.samplers import TimestepMap, respace
 from ddpm_dist.training.checkpoint import (CheckpointError, CheckpointSaveError, load_checkpoint,
                                            resumable_checkpoint, resume_config_changes, save_checkpoint)
 from ddpm_dist.training.engines import batch_split, build_engine
+from ddpm_dist.training.sample_grid import sample_grid
 from ddpm_dist.training.step import draw_micro_batches, step_generator, train_step
 from ddpm_dist.training.watchdog import FAULT_EXIT_STATUS, Watchdog
 from ddpm_dist.training.telemetry import (SAMPLE_GRID_TAG, MetricsWriter, StepTally, StepTimer, memory_gb,
@@ -74,6 +76,20 @@ class StopRequest:
     def uninstall(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass
+class SaveClock:
+    """Minutes since the last checkpoint, for train.ckpt_every_minutes (0: off). Only rank 0's
+    clock is asked (`distributed.agree_flags`)."""
+    minutes: float
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self) -> bool:
+        return self.minutes > 0 and time.monotonic() - self.last >= 60 * self.minutes
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
 
 
 @dataclass
@@ -148,6 +164,7 @@ class Run:
             log.warning(f"resuming with changed settings (train.allow_config_change): {changes}")
             self.writer.record(self.start, {"config_change": changes})
         self.timer = StepTimer()
+        self.save_clock = SaveClock(cfg.train.ckpt_every_minutes)
         self.tally = StepTally(info.device, self.diffusion.num_timesteps)
 
     def _resume(self) -> tuple[int, dict]:
@@ -199,8 +216,10 @@ class Run:
                     loss, nonfinite = self.log(done, progress)
                     if nonfinite >= MAX_NONFINITE or (nonfinite and not self.engine.skips_nonfinite_steps):
                         self.stop_nonfinite(done, f"{nonfinite:.0f} non-finite steps in a row")
-                stop_now = done % STOP_CHECK_EVERY == 0 and distributed.any_flag(stop.signum is not None)
-                if _every(done, cfg.train.ckpt_every, total) or stop_now:
+                stop_now = timed = False
+                if done % STOP_CHECK_EVERY == 0:  # a stop signal on any rank; rank 0's clock
+                    stop_now, timed = distributed.agree_flags(stop.signum is not None, self.save_clock.due())
+                if _every(done, cfg.train.ckpt_every, total) or stop_now or timed:
                     if not self.engine.weights_finite():
                         self.stop_nonfinite(done, "non-finite weights")
                     self.checkpoint(done)
@@ -229,6 +248,8 @@ class Run:
     def checkpoint(self, done: int, name: str | None = None) -> None:
         save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
                         self.cfg.train.keep_last, self.cfg, name=name)
+        if name is None:
+            self.save_clock.reset()
 
     def stop_nonfinite(self, done: int, what: str) -> None:
         """Save the state for inspection under a name that resume and rotation ignore, so the good
@@ -240,18 +261,21 @@ class Run:
                                  f"train.precision=bf16/fp32")
 
     def sample_grid(self, done: int) -> None:
-        """EMA samples from a fixed seed; every rank computes (sharded models need all of them),
-        rank 0 writes the grid. Grids before the last step take train.sample_steps respaced steps."""
-        cfg, device = self.cfg, self.info.device
+        """EMA samples from a fixed seed, each rank computing its share of the rows
+        (training/sample_grid.py); rank 0 writes the grid. Grids before the last step take
+        train.sample_steps respaced steps."""
+        cfg = self.cfg
         shape = (cfg.train.num_samples, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-        gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, Purpose.SAMPLE_GRID))
         diffusion, model = self.diffusion, self.engine.model
         if cfg.train.sample_steps and done < cfg.train.total_steps:
             diffusion, kept = respace(self.diffusion, cfg.train.sample_steps)
             model = TimestepMap(model, kept)
         with self.engine.ema_weights(), self.engine.autocast():
-            x = diffusion.p_sample_loop(model, shape, generator=gen, device=device, progress=self.writer.enabled)
-        grid = make_grid(to_uint8(x).cpu())
+            samples = sample_grid(model, diffusion, shape, derive_seed(cfg.seed, Purpose.SAMPLE_GRID),
+                                  self.info, progress=self.writer.enabled)
+        if samples is None:
+            return
+        grid = make_grid(samples)
         self.writer.image(done, SAMPLE_GRID_TAG, grid)
         if self.writer.enabled:
             (self.out_dir / "samples").mkdir(exist_ok=True)

@@ -178,6 +178,7 @@ ACCEPTED = {
     ("train.zero_stage", "0"): "DeepSpeed without ZeRO partitioning",
     ("train.num_samples", "0"): "no sample grids",
     ("train.sample_steps", "0"): "sample grids use every diffusion step",
+    ("train.ckpt_every_minutes", "0"): "no timed checkpoints",
     ("train.hang_timeout", "0"): "no watchdog",
 }
 

@@ -2,9 +2,10 @@
 
     python tools/eval_nll.py --ckpt MODEL --data digits|FOLDER|NPZ [--num-images N] --world-size W
 
-Rank r takes images r, r+W, ... (`distributed.rank_split`) and sums their bits/dim in float64
-(`evaluation.nll`); the sums are all-reduced, so the number does not depend on W; rank 0 prints
-the mean and writes --out JSON.
+Rank r takes the r-th contiguous block of the images (`distributed.rank_block`), so on shards it
+reads only the one or two shards that hold its block, not all of them, and sums their bits/dim in
+float64 (`evaluation.nll`); the sums are all-reduced, so the number does not depend on W; rank 0
+prints the mean and writes --out JSON.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ddpm_dist import distributed
-from ddpm_dist.distributed import all_reduce_sum, rank_split
+from ddpm_dist.distributed import all_reduce_sum, rank_block
 from ddpm_dist.evaluation.nll import bpd_means, bpd_sums, open_test_set
 from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool
@@ -42,7 +43,7 @@ def run_rank(args) -> dict | None:
     try:
         images = open_test_set(args.data, model.resolution)
         n = min(len(images), args.num_images or len(images))
-        mine = list(rank_split(range(n), info.rank, info.world_size))
+        mine = list(rank_block(n, info.rank, info.world_size))
         sums = bpd_sums(model.to(info.device), diffusion, images, mine, seed=args.seed,
                         batch_size=args.batch_size, device=info.device, show=info.is_main)
         all_reduce_sum([sums])  # float64 sums: the mean does not depend on W

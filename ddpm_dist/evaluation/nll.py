@@ -1,6 +1,7 @@
 """Bits/dim of the variational bound (Ho et al. 2020, Eq. 5; Table 2's NLL) on a test set.
 
-Each rank sums its images' bits/dim in float64 (`bpd_sums`); the sums are all-reduced and
+Each rank sums its images' bits/dim in float64 (`bpd_sums`: a contiguous block of the test set,
+so that on shards a rank reads only the shards holding its block); the sums are all-reduced and
 `bpd_means` turns them into the result. Image i's forward-process noise comes from the stream
 keyed by (seed, i) (`noise.SampleNoise`), so the number does not depend on the world size.
 """

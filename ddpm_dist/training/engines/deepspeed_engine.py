@@ -8,6 +8,7 @@ the same world size: DeepSpeed reshards them only after an offline `ds_to_univer
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.runtime import autocast_context
 from ddpm_dist.training.ema import EMA, local_views
-from ddpm_dist.utils.files import atomic_path, fsync_file
+from ddpm_dist.utils.files import atomic_path, fsync_file, is_temp_file
 
 from .base import DEEPSPEED_TAG, Engine, StepResult
 
@@ -64,6 +65,25 @@ def check_supported(cfg: Config) -> None:
     if cfg.train.precision == "fp16" and not accel.is_fp16_supported():
         raise RuntimeError(f"engine=deepspeed: precision=fp16 is not supported on DeepSpeed's "
                            f"{accel.device_name()} accelerator; use bf16 or fp32 (or engine=fsdp)")
+
+
+_NAMES_A_RANK = re.compile(r"(?:zero_pp_rank_|ema_rank)(\d+)\D")
+
+
+def fsync_rank_files(folder: Path, rank: int) -> None:
+    """DeepSpeed does not fsync: each rank syncs the files of `folder/deepspeed/` that name it
+    (`[bf16_]zero_pp_rank_<r>_*`, `ema_rank<r>.pt`), rank 0 also those that name no rank (model
+    states, recovery scripts) and `latest`. Never another rank's file: that rank may be renaming
+    it at this moment (a temp file that vanishes under `open`)."""
+    mine = []
+    for path in (folder / DEEPSPEED_TAG).iterdir():
+        named = _NAMES_A_RANK.search(path.name)
+        if not is_temp_file(path) and (int(named.group(1)) == rank if named else rank == 0):
+            mine.append(path)
+    if rank == 0 and (folder / "latest").is_file():
+        mine.append(folder / "latest")
+    for path in mine:
+        fsync_file(path)
 
 
 class DeepSpeedEngine(Engine):
@@ -119,15 +139,7 @@ class DeepSpeedEngine(Engine):
         self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         with atomic_path(os.path.join(folder, DEEPSPEED_TAG, f"ema_rank{self.info.rank}.pt")) as tmp:
             torch.save(self.ema.state_dict(), tmp)
-        self._fsync_own_files(Path(folder))
-
-    def _fsync_own_files(self, folder: Path) -> None:
-        """DeepSpeed does not fsync. Each rank syncs its `zero_pp_rank_<r>_*` files; rank 0 also the
-        shared ones (model states, `latest`)."""
-        own = f"zero_pp_rank_{self.info.rank}_"
-        for path in folder.rglob("*"):
-            if path.is_file() and (own in path.name or (self.info.is_main and "zero_pp_rank_" not in path.name)):
-                fsync_file(path)
+        fsync_rank_files(Path(folder), self.info.rank)
 
     def load(self, folder: Path) -> None:
         loaded, _ = self.model.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
