@@ -3,8 +3,9 @@ batches, LSUN's lmdb databases, the embedded digits.
 
 A source lists its sample ids up front (so they can be shuffled with a seed), loads one image
 by id, and names its content with a `fingerprint` (ids and sizes): make_shards resumes only
-over shards written from the same content, whatever the input folder is called. Loading happens in worker processes; lmdb handles are opened lazily per process
-because an lmdb environment must not cross a fork.
+over shards written from the same content, whatever the input folder is called. Loading
+happens in worker processes; lmdb handles are opened lazily per process because an lmdb
+environment must not cross a fork.
 """
 from __future__ import annotations
 
@@ -73,10 +74,10 @@ class Cifar10Source:
             raise ValueError(str(e)) from None
         except (pickle.UnpicklingError, EOFError) as e:
             raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
-        data, names = d.get(b"data") if isinstance(d, dict) else None, d.get(b"filenames") if isinstance(d, dict) else None
+        data, names = (d.get(b"data"), d.get(b"filenames")) if isinstance(d, dict) else (None, None)
         if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or \
                 not isinstance(names, list) or len(names) != len(data):
-            raise ValueError(f"{path}: not a CIFAR-10 python batch (a dict with 'data' [N, 3072] and N 'filenames')")
+            raise ValueError(f"{path}: not a CIFAR-10 python batch (a dict of 'data' [N, 3072] and N 'filenames')")
         return data.astype(np.uint8, copy=False), [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
     def ids(self) -> list[str]:
