@@ -4,6 +4,7 @@ take a screenshot without a WebSocket client. Every wait is bounded."""
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -30,13 +31,17 @@ class Chromium:
         self.profile = tempfile.TemporaryDirectory(prefix="chromium-")
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
+        # The child's ends, moved above fd 9 so that placing them on 3 and 4 cannot clobber each other.
+        child_r, child_w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_browser_r, from_browser_w))
+        os.close(to_browser_r)
+        os.close(from_browser_w)
         self.proc = subprocess.Popen(
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--remote-debugging-pipe", f"--user-data-dir={self.profile.name}", f"--window-size={width},{height}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(3, 4), preexec_fn=_pipe_fds(to_browser_r, from_browser_w))
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+            close_fds=False, preexec_fn=_pipe_fds(child_r, child_w))  # only 3 and 4 are inheritable
+        os.close(child_r)
+        os.close(child_w)
         self._buffer, self._next_id, self.session = b"", 0, None
 
     def __enter__(self) -> "Chromium":
@@ -120,7 +125,8 @@ class Chromium:
 
 
 def _pipe_fds(read_end: int, write_end: int):
-    """In the child, before exec: the command pipe on fd 3 and the reply pipe on fd 4."""
+    """In the child, before exec: the command pipe on fd 3 and the reply pipe on fd 4 (dup2 makes
+    them inheritable; every other descriptor Python opened closes on exec)."""
     def setup():
         os.dup2(read_end, 3)
         os.dup2(write_end, 4)

@@ -3,6 +3,7 @@ raw image folders → shards → 2-rank training → export → FID/IS on 2 rank
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,9 @@ def test_the_chain_ends_with_a_report_of_the_real_stages_and_a_rerun_does_nothin
     assert fid["weights_sha256"] == nll["weights_sha256"] == report["evaluation"]["weights_sha256"]
     md = (run / "report.md").read_text()
     assert f"{fid['fid']:.2f} ± {fid['fid_std']:.2f}" in md and f"{nll['bits_per_dim']:.2f}" in md
+    pictures = re.findall(r"<img class='\w+' src='([^']+)'", (run / "report.html").read_text())
+    assert pictures == ["report/samples.png", "report/loss.png"]  # no FID watcher ran: no FID plot
+    assert all((run / p).is_file() and f"]({p})" in md for p in pictures)
 
     written = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     second = _reproduce(slurm_cluster, tmp_path)

@@ -8,6 +8,7 @@ zero-initialised layers included, so every layer shapes the samples.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -253,6 +254,12 @@ def test_the_grey_demo_model_writes_grey_pngs_and_a_grey_rgb_npz_and_is_scored(t
         arr = data["arr_0"]
     assert arr.shape == (N, 16, 16, 3) and (arr == arr[..., :1]).all() and arr.std() > 0
     assert np.isfinite(json.loads((out / "result.json").read_text())["inception_score"])
+    with Image.open(out / "samples_grid.png") as grid:  # the first samples, beside result.json
+        cols = math.ceil(math.sqrt(N))
+        assert grid.size == (2 + cols * 18, 2 + math.ceil(N / cols) * 18)
+        first = np.asarray(grid.convert("L"))[2:18, 2:18]
+    with Image.open(sample_path(out, 0)) as sample:
+        assert (first == np.asarray(sample)).all()
 
 
 def _random_inception(path: Path) -> Path:

@@ -17,6 +17,7 @@ from ddpm_dist.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 FIGURES = "report"  # RUN/report/: the report's pictures, linked relative to RUN
+SAMPLES_PNG = "samples.png"
 
 ROWS = (("fid", "FID (train set, {n} samples)"), ("inception_score", "Inception Score"),
         ("bits_per_dim", "NLL, bits/dim (test)"))
@@ -93,22 +94,26 @@ def html_page(report: dict, figures: list[tuple[str, str]] = ()) -> str:
     rows = "".join(f"<tr><td>{e(a)}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in table(report))
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(_title(report))}</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;"
-             "padding:.3em .8em}table{border-collapse:collapse}img{max-width:100%;image-rendering:pixelated}"
+             "padding:.3em .8em}table{border-collapse:collapse}img{max-width:100%}"
+             # small sample grids (16² or 32² images) drawn large, pixels kept sharp
+             "img.grid{width:40em;image-rendering:pixelated}"
              "</style></head><body>", f"<h1>{e(_title(report))}</h1>", f"<p>Config <code>{e(_config(report))}</code></p>",
              f"<table><tr><th>metric</th><th>ours</th><th>paper</th></tr>{rows}</table>",
              *(f"<p>{e(line)}</p>" for line in notes(report))]
     for caption, path in figures:
-        parts.append(f"<figure><img src='{e(path)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>")
+        kind = "grid" if path.endswith(SAMPLES_PNG) else "plot"
+        parts.append(f"<figure><img class='{kind}' src='{e(path)}' alt='{e(caption)}'>"
+                     f"<figcaption>{e(caption)}</figcaption></figure>")
     return "\n".join([*parts, "</body></html>", ""])
 
 
 def draw_figures(plan: Plan, fid: dict) -> list[tuple[str, str]]:
     """The report's pictures in RUN/report/: (caption, path relative to RUN), those that have data."""
     folder, figures = plan.run / FIGURES, []
-    shown = write_samples_grid(fid["runs"][0]["out"], folder / "samples.png", GRID_SAMPLES)
+    shown = write_samples_grid(fid["runs"][0]["out"], folder / SAMPLES_PNG, GRID_SAMPLES)
     if shown:
         figures.append((f"The first {shown} samples of the evaluation (seed {fid['runs'][0]['seed']})",
-                        f"{FIGURES}/samples.png"))
+                        f"{FIGURES}/{SAMPLES_PNG}"))
     try:
         from ddpm_dist.reproduce.figures import plot_fid_by_step, plot_loss
     except ImportError as err:  # the table matters more than the plots
