@@ -95,6 +95,9 @@ class TrainConfig:
     # rank ends the job instead of hanging it. It must exceed the longest legitimate wait (a
     # checkpoint write, the first compiled step).
     collective_timeout: float = 600.0
+    # The same once training steps run (at most collective_timeout): a node lost mid-run, even a
+    # silent one, ends the job this soon. Checkpoint writes and sample grids keep the long one.
+    step_timeout: float = 90.0
     # No finished step for this long (s) dumps every thread's stack and exits with status 6;
     # 0 turns the watchdog off.
     hang_timeout: float = 1800.0
@@ -232,8 +235,9 @@ def _check_ranges(cfg: Config) -> None:
     if t.keep_last < 1:
         raise ConfigError(f"train.keep_last: must be at least 1, got {t.keep_last} "
                           f"(the number of newest checkpoints kept)")
-    if t.collective_timeout <= 0:
-        raise ConfigError(f"train.collective_timeout: must be positive (seconds), got {t.collective_timeout}")
+    for key, value in (("collective_timeout", t.collective_timeout), ("step_timeout", t.step_timeout)):
+        if value <= 0:
+            raise ConfigError(f"train.{key}: must be positive (seconds), got {value}")
     at_least_0 = {"data.retries": cfg.data.retries, "data.num_workers": cfg.data.num_workers,
                   "data.retry_wait": cfg.data.retry_wait, "train.hang_timeout": t.hang_timeout}
     for key, value in at_least_0.items():
