@@ -106,6 +106,9 @@ class TrainConfig:
     # rank ends the job instead of hanging it. It must exceed the longest legitimate wait (a
     # checkpoint write, the first compiled step).
     collective_timeout: float = 600.0
+    # The same once training steps run (at most collective_timeout): a node lost mid-run, even a
+    # silent one, ends the job this soon. Checkpoint writes and sample grids keep the long one.
+    step_timeout: float = 90.0
     # No finished step for this long (s) dumps every thread's stack and exits with status 6;
     # 0 turns the watchdog off.
     hang_timeout: float = 1800.0
@@ -286,7 +289,8 @@ RANGES = {
     "train.ema_decay": "in [0, 1)", "train.zero_stage": "0, 1, 2 or 3", "train.log_every": "positive",
     "train.sample_every": "positive", "train.num_samples": "0 or more", "train.sample_steps": "0 or more",
     "train.ckpt_every": "positive", "train.ckpt_every_minutes": "0 or more",
-    "train.keep_last": "at least 1", "train.collective_timeout": "positive", "train.hang_timeout": "0 or more",
+    "train.keep_last": "at least 1", "train.collective_timeout": "positive",
+    "train.step_timeout": "positive", "train.hang_timeout": "0 or more",
     "seed": "0 or more and below 2^63",
 }
 

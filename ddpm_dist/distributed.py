@@ -184,6 +184,13 @@ def is_collective_failure(err: BaseException) -> bool:
     return inside or bool(_BACKEND_MESSAGE.search(str(err).split("\n", 1)[0]))
 
 
+def set_collective_timeout(seconds: float) -> None:
+    """The timeout of the default group's later collectives: training shortens it once its steps
+    run, so that a lost peer ends the job in a minute, not in the start-up's ten."""
+    if dist.is_initialized():
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -12,6 +12,7 @@ retries; 5 a checkpoint could not be written (older checkpoints kept); 6 a rank 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -30,6 +31,7 @@ from ddpm_dist.samplers import TimestepMap, respace
 from ddpm_dist.training.checkpoint import (CheckpointError, CheckpointSaveError, load_checkpoint,
                                            resumable_checkpoint, resume_config_changes, save_checkpoint)
 from ddpm_dist.training.engines import batch_split, build_engine
+from ddpm_dist.training.peers import Heartbeat
 from ddpm_dist.training.sample_grid import sample_grid
 from ddpm_dist.training.step import draw_micro_batches, step_generator, train_step
 from ddpm_dist.training.watchdog import FAULT_EXIT_STATUS, Watchdog
@@ -111,9 +113,16 @@ def train(cfg: Config) -> TrainResult:
                                             timeout_s=cfg.train.collective_timeout)
         setup_logging(info.rank)
         lock = lock_run_folder(cfg, info)
+        beats = Heartbeat(info.rank, info.world_size) if info.world_size > 1 else None
         try:
             return Run(cfg, info).train(stop)
+        except Exception as err:
+            if beats is not None and distributed.is_collective_failure(err):
+                err.lost_peers = beats.lost_peers()  # for main's error line: who is gone
+            raise
         finally:
+            if beats is not None:
+                beats.close()
             lock.release()
     finally:
         stop.uninstall()
@@ -208,6 +217,8 @@ class Run:
                 self.tally.add(out.losses, out.t, out.result.grad_norm, out.result.skipped)
                 self.timer.tick(cfg.train.batch_size)
                 progress.update(1)
+                if step == self.start:  # start-up (compilation, the first all-reduce) is over
+                    distributed.set_collective_timeout(self.step_timeout)
                 # Periodic actions after step `done`: log (and the non-finite guard), checkpoint,
                 # sample, stop. The checkpoint comes before the sample grid: whatever happens
                 # while sampling, the step's state is already saved.
@@ -224,7 +235,8 @@ class Run:
                         self.stop_nonfinite(done, "non-finite weights")
                     self.checkpoint(done)
                 if _every(done, cfg.train.sample_every, total) and cfg.train.num_samples and not stop_now:
-                    self.sample_grid(done)
+                    with self.patient_collectives():
+                        self.sample_grid(done)
                 if stop_now:
                     log.info(f"stop requested (signal {stop.signum}): checkpoint at step {done} written, exiting")
                     return TrainResult(done, True, loss, stop.signum)
@@ -245,9 +257,24 @@ class Run:
         progress.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['perf/images_per_s']:.0f}")
         return scalars["loss"], scalars.pop("nonfinite_run")
 
+    @property
+    def step_timeout(self) -> float:
+        return min(self.cfg.train.step_timeout, self.cfg.train.collective_timeout)
+
+    @contextlib.contextmanager
+    def patient_collectives(self):
+        """Checkpoint writes and sample grids can keep ranks apart for minutes: the long timeout
+        while they run, the short one of the steps after."""
+        distributed.set_collective_timeout(self.cfg.train.collective_timeout)
+        try:
+            yield
+        finally:
+            distributed.set_collective_timeout(self.step_timeout)
+
     def checkpoint(self, done: int, name: str | None = None) -> None:
-        save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
-                        self.cfg.train.keep_last, self.cfg, name=name)
+        with self.patient_collectives():
+            save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
+                            self.cfg.train.keep_last, self.cfg, name=name)
         if name is None:
             self.save_clock.reset()
 
@@ -313,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not distributed.is_collective_failure(e):
             raise
-        print(f"error: a collective operation failed ({_first_line(e)}): another rank died or hung "
-              f"(its log says why); rerun to resume from the last checkpoint", file=sys.stderr)
+        who = getattr(e, "lost_peers", "its log says why")
+        print(f"error: a collective operation failed ({_first_line(e)}): another rank died or hung: {who}; "
+              f"rerun to resume from the last checkpoint", file=sys.stderr)
         return FAULT_EXIT_STATUS
     return 3 if result.stopped_early else 0
 
