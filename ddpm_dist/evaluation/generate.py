@@ -8,8 +8,8 @@ that does not decode to the sample shape is deleted and sampled again. `DIR/mani
 (weights hash, sampler, steps, eta, bf16, seed) is written before the first PNG: a rerun with
 other settings is refused instead of mixing two models' samples. It also records whether the
 runs that wrote into the folder were compiled (`compiled`: the settings seen), without comparing
-it: compiled and eager samples differ in rounding only, and folders from before the record resume. At the end rank 0 streams an
-ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order) to disk.
+it: compiled and eager samples differ in rounding only, and folders from before the record
+resume. At the end rank 0 streams an ADM-style `samples_{N}x{H}x{W}x3.npz` (`arr_0`, uint8 NHWC, index order) to disk.
 Optionally each rank streams Inception statistics of its samples (`InceptionStatistics`); the
 float64 sums are all-reduced (nothing is gathered) and rank 0 writes FID / IS to the result JSON.
 """
