@@ -388,7 +388,8 @@ def table_row(e: dict) -> str:
         return (f"| {e['name']} | {status} | {fmt(e['images_per_s_at_1000_steps'], ',.2f')} | | "
                 f"{fmt(e['peak_allocated_gb'], '.1f')} | {notes} (img/s at 1000 steps) |")
     mfu = fmt(e.get("mfu") * 100, ".1f") + "%" if isinstance(e.get("mfu"), float) else "-"
-    notes = f"batch {e['batch']}, loss {fmt(e.get('loss'), '.3f')}, first log at {fmt(e.get('first_log_s'))} s" if ok else ""
+    notes = (f"batch {e['batch']}, loss {fmt(e.get('loss'), '.3f')}, first log at {fmt(e.get('first_log_s'))} s"
+             if ok else "")
     return f"| {e['name']} | {status} | {fmt(e.get('images_per_s'))} | {mfu} | {fmt(e.get('max_allocated_gb'), '.1f')} | {notes} |"
 
 

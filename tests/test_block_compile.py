@@ -53,7 +53,8 @@ def one_rank_group():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("layout,distinct,options", [("cifar10", 12, []), pytest.param("celebahq", 19, [], marks=pytest.mark.slow),
+@pytest.mark.parametrize("layout,distinct,options", [("cifar10", 12, []),
+                                                     pytest.param("celebahq", 19, [], marks=pytest.mark.slow),
                                                      ("cifar10", 12, ["train.activation_checkpointing=true"])])
 def test_fsdp_compiles_every_block_once_and_runs_none_eager(layout, distinct, options, one_rank_group, monkeypatch):
     counter, compile = GraphCounter(), torch.compile

@@ -168,8 +168,8 @@ def test_the_cuda_graph_step_is_one_graph_for_every_step_and_gives_the_eager_sam
         return counter(gm, example_inputs)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=backend, **kw))
     graphed = dataclasses.replace(network_plan(CPU, bf16=False, compile="true"), cuda_graphs=True)
-    monkeypatch.setattr(samplers, "network_plan",
-                        lambda device, bf16, compile: graphed if compile == "true" else network_plan(device, bf16, compile))
+    monkeypatch.setattr(samplers, "network_plan", lambda device, bf16, compile:
+                        graphed if compile == "true" else network_plan(device, bf16, compile))
     torch._dynamo.reset()
     for kind, steps in (("ddpm", None), ("ddim", 6)):
         captured = Sampler(model, diffusion, SHAPE, sampler=kind, steps=steps, eta=1.0, compile="true")

@@ -4,9 +4,9 @@ compile.
 
 Dynamo keeps a function's compiled graphs on its code object, at most `recompile_limit` (8) of
 them. Every Block shares `Block.forward`'s code, and the U-Net's blocks come in more distinct
-shapes than that (12 at 32², 19 at 256², counting input and weight shapes): compiled through that one code object, the blocks past
-the limit ran eager with only a logged warning, and the first recompiles had made the shapes
-dynamic. So each block is called through a code object of its own, named after the block: one
+shapes than that (12 at 32², 19 at 256², counting input and weight shapes): compiled through
+that one code object, the blocks past the limit ran eager with only a logged warning, and the
+first recompiles had made the shapes dynamic. So each block is called through a code object of its own, named after the block: one
 static graph per block and input shape, never a shared cache to overflow.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ def own_frame(fn: Callable, name: str) -> Callable:
     Dynamo compiles, and so the key of its graph cache and of its recompile count."""
     def call(*args, **kwargs):
         return fn(*args, **kwargs)
-    code = call.__code__.replace(co_name=name, **({"co_qualname": name} if hasattr(call.__code__, "co_qualname") else {}))
+    names = {"co_name": name, **({"co_qualname": name} if hasattr(call.__code__, "co_qualname") else {})}
+    code = call.__code__.replace(**names)
     return types.FunctionType(code, call.__globals__, name, None, call.__closure__)
 
 
