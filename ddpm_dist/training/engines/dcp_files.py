@@ -5,8 +5,9 @@ unpickles them on load: a crafted checkpoint folder could run code. `SafeFileSys
 `.metadata` with an unpickler that admits only what torch 2.13 writes there: the classes of
 `torch.distributed.checkpoint.metadata`, DCP's `_StorageInfo`, `torch.Size`, dtypes, the layout
 lookup, and the `PosixPath` DCP stores as the checkpoint id; containers and numbers are pickle
-opcodes, not globals. The tensor files it names must lie inside the checkpoint folder. `SafeLoadPlanner` loads the non-tensor values with `weights_only=True`.
-Tensors DCP already loads with `weights_only=True`.
+opcodes, not globals. The tensor files it names must lie inside the checkpoint folder.
+`SafeLoadPlanner` loads the non-tensor values with `weights_only=True`. Tensors DCP already
+loads with `weights_only=True`.
 """
 from __future__ import annotations
 
