@@ -14,6 +14,7 @@ import pytest
 from test_train import ROOT, TINY, losses, run_train, wait_for_step
 
 
+@pytest.mark.slow  # several training runs
 def test_the_final_checkpoint_is_written_before_the_final_sample_grid(tmp_path):
     run = tmp_path / "run"
     code, err = run_train(run, "train.total_steps=4", "train.sample_every=4")
@@ -34,6 +35,7 @@ def folder_state(run: Path) -> dict[str, bytes]:
     return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # several training runs
 def test_a_second_trainer_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path):
     run = tmp_path / "run"
     first = run_train(run, "train.total_steps=1000", wait=False)
@@ -59,6 +61,7 @@ def test_a_second_trainer_is_refused_and_a_killed_holders_lock_is_taken_over(tmp
     assert f'"pid": {first.pid}' not in (run / "run.lock").read_text()
 
 
+@pytest.mark.slow  # several training runs
 def test_resume_refuses_changed_settings_unless_allowed_and_records_the_change(tmp_path):
     run = tmp_path / "run"
     assert run_train(run, "train.total_steps=4")[0] == 0

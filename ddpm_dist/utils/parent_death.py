@@ -3,7 +3,8 @@
 torchrun starts each worker in a session of its own, so a SIGKILL of torchrun (kill -9 of its
 process group, the OOM killer) does not reach the ranks: they would go on training beside the
 user's rerun in the same run folder. Linux's parent-death signal (prctl PR_SET_PDEATHSIG) has
-the kernel kill a rank when its parent, the launcher, ends. The launcher may already have died
+the kernel kill a rank when its parent, the launcher, ends (strictly: when the thread that
+started the rank ends; torchrun's agent starts its workers from its main thread). The launcher may already have died
 between starting us and the prctl call; then we were handed to another parent (init or a
 subreaper), which we notice because it is not a Python process, and we exit at once.
 """
