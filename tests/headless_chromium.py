@@ -42,7 +42,7 @@ class Chromium:
             close_fds=False, preexec_fn=_pipe_fds(child_r, child_w))  # only 3 and 4 are inheritable
         os.close(child_r)
         os.close(child_w)
-        self._buffer, self._next_id, self.session = b"", 0, None
+        self._buffer, self._next_id, self.target, self.session = b"", 0, None, None
 
     def __enter__(self) -> "Chromium":
         return self
@@ -98,8 +98,11 @@ class Chromium:
         return json.loads(message)
 
     def open(self, url: str) -> None:
-        target = self.send("Target.createTarget", {"url": url})["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        """A new page at `url`, in place of the previous one (closed: it stops polling its server)."""
+        if self.target is not None:
+            self.send("Target.closeTarget", {"targetId": self.target})
+        self.target = self.send("Target.createTarget", {"url": url})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": self.target, "flatten": True})["sessionId"]
 
     def evaluate(self, expression: str):
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, page=True)

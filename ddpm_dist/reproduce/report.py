@@ -97,7 +97,8 @@ def html_page(report: dict, figures: list[tuple[str, str]] = ()) -> str:
              "padding:.3em .8em}table{border-collapse:collapse}img{max-width:100%}"
              # small sample grids (16² or 32² images) drawn large, pixels kept sharp
              "img.grid{width:40em;image-rendering:pixelated}"
-             "</style></head><body>", f"<h1>{e(_title(report))}</h1>", f"<p>Config <code>{e(_config(report))}</code></p>",
+             "</style></head><body>", f"<h1>{e(_title(report))}</h1>",
+             f"<p>Config <code>{e(_config(report))}</code></p>",
              f"<table><tr><th>metric</th><th>ours</th><th>paper</th></tr>{rows}</table>",
              *(f"<p>{e(line)}</p>" for line in notes(report))]
     for caption, path in figures:

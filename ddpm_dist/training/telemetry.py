@@ -144,12 +144,15 @@ def tb_tag(key: str) -> str:
 
 def scalars_layout() -> dict:
     """The custom-scalars dashboard (category → chart → multiline of tag regexes), in reading
-    order: the loss, then its breakdown by t, the optimizer, speed, data and evaluation."""
-    return {"train": {"loss": ["Multiline", [r"^train/loss$"]],
-                      "loss by quarter of t (q0: t < T/4 ... q3: t >= 3T/4)": ["Multiline", [r"^train/loss_by_t/"]]},
-            "opt": {"learning rate": ["Multiline", [r"^opt/lr$"]],
-                    "gradient norm (before clipping)": ["Multiline", [r"^opt/grad_norm$"]],
-                    "skipped steps (non-finite)": ["Multiline", [r"^opt/skipped_steps$", r"^opt/nonfinite_run$"]]},
+    order: the loss, then its breakdown by t, the optimizer, speed, data and evaluation. The
+    regexes also match the flat tags of runs written before the namespaces, so old and new runs
+    share the charts."""
+    return {"train": {"loss": ["Multiline", [r"^(train/)?loss$"]],
+                      "loss by quarter of t (q0: t < T/4 ... q3: t >= 3T/4)":
+                          ["Multiline", [r"^(train/loss_by_t/q|loss_q)[0-3]$"]]},
+            "opt": {"learning rate": ["Multiline", [r"^(opt/)?lr$"]],
+                    "gradient norm (before clipping)": ["Multiline", [r"^(opt/)?grad_norm$"]],
+                    "skipped steps (non-finite)": ["Multiline", [r"^(opt/)?(skipped_steps|nonfinite_run)$"]]},
             "perf": {"images/s": ["Multiline", [r"^perf/images_per_s"]], "MFU": ["Multiline", [r"^perf/mfu$"]],
                      "memory (GiB)": ["Multiline", [r"^memory/"]]},
             "data": {"skipped samples": ["Multiline", [r"^data/"]]},
