@@ -20,6 +20,8 @@ import torch
 
 from ddpm_dist.modelio.model_file import read_model_file
 from ddpm_dist.modelio.source import export_checkpoint
+from test_slurm import FINAL, wait_for
+from test_train import losses
 
 pytestmark = pytest.mark.multinode
 
@@ -30,17 +32,6 @@ TINY = ["device=cpu", "engine=ddp", "model.ch=32", "model.ch_mult=[1,2]", "model
         "train.num_samples=4", "train.log_every=1", "train.ckpt_every=3", "train.sample_every=1000",
         f"train.total_steps={STEPS}"]
 CPU_TASK = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def wait_for(what: str, check, timeout: float, interval: float = 0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def job_field(env: dict, job_id: str, field: str) -> str:
@@ -55,11 +46,6 @@ def wait_done(env: dict, job_id: str, timeout: float) -> str:
 
 def cancel(env: dict, job_id: str) -> None:
     subprocess.run(["scancel", job_id], env=env, capture_output=True)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def ema_weights(run_dir: Path) -> dict:
