@@ -56,10 +56,10 @@ echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} run $(( ${SLURM_RESTART_COUNT:-0} + 1
      "${SLURM_JOB_NODELIST:-?}: $config ${overrides[*]} (resolved in $snapshot)"
 
 # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch: pass it, or each rank
-# (and its data workers) is confined to one CPU where cores are bound. --kill-on-bad-exit and
-# --wait: once a rank has exited (with an error, or 60 s before the others), srun ends the step
-# and returns instead of waiting for the exit of tasks on a lost node, which may never come.
-srun --kill-on-bad-exit=1 --wait=60 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+# (and its data workers) is confined to one CPU where cores are bound. --wait: 60 s after the
+# first rank exits srun ends the step and returns, instead of waiting for the exit of the tasks
+# of a lost node, which may never come (its exit message is lost with its network).
+srun --wait=60 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
   "${DDPM_PYTHON:-python}" -m ddpm_dist.train --config "$snapshot"
 rc=$?
 if { [ "$rc" = 4 ] || [ "$rc" = 6 ]; } && [ "${SLURM_RESTART_COUNT:-0}" -lt "${DDPM_MAX_FAULT_REQUEUES:-3}" ]; then

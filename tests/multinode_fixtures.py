@@ -30,8 +30,9 @@ def _read_env_sh(path: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def multinode_cluster():
-    """{'conf', 'partition', 'nodes', 'addrs', 'bridge_addr', 'on' (run-on-node script), 'dir',
-    'env' (os.environ with SLURM_CONF pointing at this cluster, no rendezvous variables)}."""
+    """{'conf', 'partition', 'nodes', 'addrs', 'netns' (each node's network namespace), 'bridge_addr',
+    'on' (run-on-node script), 'dir', 'env' (os.environ with SLURM_CONF pointing at this cluster, no
+    rendezvous variables)}."""
     state_dir = Path(os.environ.get("MN_TEST_DIR", "/tmp/ddpm-multinode-test"))
     try:
         proc = subprocess.run([str(SERVICES / "multinode_up.sh")], capture_output=True, text=True, timeout=900)
@@ -45,6 +46,7 @@ def multinode_cluster():
     env.update(SLURM_CONF=values["SLURM_CONF"], OMP_NUM_THREADS="1")
     yield {"conf": values["SLURM_CONF"], "partition": values["MN_TEST_PARTITION"],
            "nodes": values["MN_TEST_NODES"].split(","), "addrs": values["MN_TEST_ADDRS"].split(","),
+           "netns": values["MN_TEST_NETNS"].split(","),
            "bridge_addr": values["MN_TEST_BRIDGE_ADDR"], "on": values["MN_TEST_ON"], "dir": state_dir,
            "env": env}
     if not was_up:

@@ -82,6 +82,7 @@ def test_a_dead_or_stopped_rank_ends_the_other_within_the_collective_timeout(tmp
     last = log_of(out, 0).strip().splitlines()[-1]
     assert code == 6, log_of(out, 0)[-3000:]
     assert last.startswith("error: a collective operation failed") and "another rank died or hung" in last
+    assert "lost rank 1 on " in last, last  # its heartbeat stopped: the line names it
     assert seconds < 120
 
 

@@ -20,6 +20,8 @@ import torch
 
 from ddpm_dist.modelio.model_file import read_model_file
 from ddpm_dist.modelio.source import export_checkpoint
+from test_slurm import FINAL, wait_for
+from test_train import losses
 
 pytestmark = pytest.mark.multinode
 
@@ -30,17 +32,6 @@ TINY = ["device=cpu", "engine=ddp", "model.ch=32", "model.ch_mult=[1,2]", "model
         "train.num_samples=4", "train.log_every=1", "train.ckpt_every=3", "train.sample_every=1000",
         f"train.total_steps={STEPS}"]
 CPU_TASK = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def wait_for(what: str, check, timeout: float, interval: float = 0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def job_field(env: dict, job_id: str, field: str) -> str:
@@ -57,20 +48,15 @@ def cancel(env: dict, job_id: str) -> None:
     subprocess.run(["scancel", job_id], env=env, capture_output=True)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
 def ema_weights(run_dir: Path) -> dict:
     out = run_dir.parent / f"{run_dir.name}.safetensors"
     export_checkpoint(str(run_dir), str(out))
     return read_model_file(out)[0]
 
 
-def assert_same_training(run_dir: Path, reference: Path) -> None:
+def assert_same_training(run_dir: Path, reference: Path, steps: int = STEPS) -> None:
     """Every step's logged loss and the exported EMA weights, bit for bit."""
-    assert losses(run_dir) == losses(reference) and sorted(losses(reference)) == list(range(1, STEPS + 1))
+    assert losses(run_dir) == losses(reference) and sorted(losses(reference)) == list(range(1, steps + 1))
     got, want = ema_weights(run_dir), ema_weights(reference)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
@@ -90,33 +76,44 @@ def train_overrides(url: str) -> list[str]:
     return [*TINY, f"data.source={url}"]
 
 
-@pytest.fixture(scope="module")
-def one_node_run(multinode_s3, digits_url, tmp_path_factory) -> Path:
-    """The reference: 2 ranks on this machine, `torchrun --standalone --nproc_per_node=2`."""
-    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+def train_on_one_node(run_dir: Path, env: dict, url: str, *overrides: str) -> Path:
+    """2 ranks on this machine, `torchrun --standalone --nproc_per_node=2`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "ddpm_dist.train", "--config", "configs/demo_digits.yaml", f"out_dir={run_dir}", *train_overrides(digits_url)]
-    proc = subprocess.run(cmd, cwd=REPO, env=multinode_s3["env"], capture_output=True, text=True, timeout=600)
+           "ddpm_dist.train", "--config", "configs/demo_digits.yaml", f"out_dir={run_dir}", *train_overrides(url),
+           *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_node_run(multinode_s3, digits_url, tmp_path_factory) -> Path:
+    """The reference of the 2-node runs."""
+    return train_on_one_node(tmp_path_factory.mktemp("one-node") / "run", multinode_s3["env"], digits_url)
+
+
+def sbatch_two_nodes(cluster: dict, env: dict, url: str, run_dir: Path, *overrides: str) -> str:
+    """launch/train_lsun.sh on 2 nodes x 1 CPU task; the job log is run_dir/job.log."""
+    run_dir.mkdir(parents=True)
+    env = dict(env, DDPM_CONFIG="configs/demo_digits.yaml", DDPM_OUT_DIR=str(run_dir),
+               DDPM_OVERRIDES=" ".join(train_overrides(url)), DDPM_PYTHON=sys.executable)
+    proc = subprocess.run(["sbatch", "--parsable", f"--partition={cluster['partition']}", "--nodes=2",
+                           "--ntasks-per-node=1", *CPU_TASK, f"--output={run_dir}/job.log", "launch/train_lsun.sh",
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
 
 
 @pytest.mark.slow
 def test_sbatch_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multinode_s3, digits_url, one_node_run,
                                                        tmp_path):
-    run_dir = tmp_path / "run"
-    env = dict(multinode_s3["env"], DDPM_CONFIG="configs/demo_digits.yaml", DDPM_OUT_DIR=str(run_dir),
-               DDPM_OVERRIDES=" ".join(train_overrides(digits_url)), DDPM_PYTHON=sys.executable)
-    proc = subprocess.run(["sbatch", "--parsable", f"--partition={multinode_cluster['partition']}", "--nodes=2",
-                           "--ntasks-per-node=1", *CPU_TASK, f"--output={tmp_path}/job.log", "launch/train_lsun.sh"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    job_id = proc.stdout.strip().split(";")[0]
+    env, run_dir = multinode_s3["env"], tmp_path / "run"
+    job_id = sbatch_two_nodes(multinode_cluster, env, digits_url, run_dir)
     try:
         state = wait_done(env, job_id, 300)
     finally:
         cancel(env, job_id)
-    log = (tmp_path / "job.log").read_text()
+    log = (run_dir / "job.log").read_text()
     assert state == "COMPLETED", log[-3000:]
     assert "2 tasks on node[1-2]" in log and "ddp on 2 x cpu" in log, log[-3000:]
     assert_same_training(run_dir, one_node_run)
@@ -237,3 +234,73 @@ def test_eval_nll_over_two_nodes_equals_one_process(multinode_cluster, tmp_path)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert two["world_size"] == 2 and two["num_images"] == one["num_images"] == 4
     assert two["bits_per_dim"] == one["bits_per_dim"]
+
+
+# ------------------------------------------------------------------------------ node loss ---
+LOSS_STEPS = 24
+# The node is lost after step 10, between the checkpoints of steps 8 and 16: mid-step, where the
+# short train.step_timeout applies (a checkpoint write keeps the long collective_timeout).
+LOSS_RUN = (f"train.total_steps={LOSS_STEPS}", "train.ckpt_every=8")
+
+
+@pytest.fixture(scope="module")
+def one_node_long_run(multinode_s3, digits_url, tmp_path_factory) -> Path:
+    return train_on_one_node(tmp_path_factory.mktemp("one-node-long") / "run", multinode_s3["env"], digits_url,
+                             *LOSS_RUN)
+
+
+def lose_node2(cluster: dict, fault: str) -> None:
+    """killed: every process of node2 (slurmd, the step, the rank) gets SIGKILL, its sockets
+    close. silent: node2's network goes down, as when a machine loses power: nothing closes."""
+    netns = cluster["netns"][1]
+    if fault == "killed":
+        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=True).stdout.split()
+        subprocess.run(["kill", "-9", *pids], check=True)
+    else:
+        subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "down"], check=True)
+
+
+def bring_back_node2(cluster: dict) -> None:
+    """Its network up, and its slurmd started again if it is not running (idempotent)."""
+    netns = cluster["netns"][1]
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "up"], check=True)
+    running = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+    if not running:
+        subprocess.run([cluster["on"], "node2", "slurmd", "-f", cluster["conf"]], env=cluster["env"], check=True,
+                       timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "silent"])
+def test_a_lost_node_ends_the_survivor_with_its_name_and_the_job_resumes_bitwise(
+        fault, multinode_cluster, multinode_s3, digits_url, one_node_long_run, tmp_path):
+    """Slurm's node-failure detection stays at its default (SlurmdTimeout=300): the surviving rank
+    must end itself within 2 minutes and name the lost peer; the job requeues itself and, once
+    node2 is back, resumes from its last checkpoint to the weights of an uninterrupted run."""
+    env, run_dir = multinode_s3["env"], tmp_path / "run"
+    log = run_dir / "job.log"
+    job_id = sbatch_two_nodes(multinode_cluster, env, digits_url, run_dir, *LOSS_RUN)
+    try:
+        wait_for("step 10", lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 10,
+                 240, 0.1)
+        lost_at = time.monotonic()
+        lose_node2(multinode_cluster, fault)
+        line = wait_for("the survivor's error line", lambda: next(
+            (x for x in log.read_text(errors="replace").splitlines() if x.startswith("error: a collective")), None),
+            150, 0.5)
+        survivor_s = time.monotonic() - lost_at
+        bring_back_node2(multinode_cluster)
+        wait_for("the requeued job to run", lambda: job_field(env, job_id, "Restarts") == "1"
+                 and job_field(env, job_id, "JobState") == "RUNNING", 480, 0.5)
+        running_again_s = time.monotonic() - lost_at
+        state = wait_done(env, job_id, 300)
+    finally:
+        cancel(env, job_id)
+        bring_back_node2(multinode_cluster)
+    print(f"node {fault}: survivor exited after {survivor_s:.0f} s, job running again after {running_again_s:.0f} s")
+    assert survivor_s < 120 and "lost rank 1 on node2" in line, line
+    text = log.read_text(errors="replace")
+    assert state == "COMPLETED" and "requeueing job" in text and f"job {job_id} run 2:" in text, text[-3000:]
+    resumed_at = int(text.split("resumed from")[1].split("at step")[1].split()[0])
+    assert resumed_at == 8
+    assert_same_training(run_dir, one_node_long_run, LOSS_STEPS)

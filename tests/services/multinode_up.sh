@@ -150,6 +150,7 @@ export MN_TEST_NODES=$(IFS=,; echo "${NODES[*]}")
 export MN_TEST_ADDRS=$(for n in "${NODES[@]}"; do printf '%s,' "${IP[$n]}"; done | sed 's/,$//')
 export MN_TEST_BRIDGE_ADDR=$CTL_IP
 export MN_TEST_ON=$STATE/on.sh
+export MN_TEST_NETNS=$(for n in "${NODES[@]}"; do printf '%s,' "$NS_PREFIX$n"; done | sed 's/,$//')
 EOF
 }
 
