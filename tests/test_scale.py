@@ -338,3 +338,40 @@ def test_only_rank_0s_clock_decides_and_any_ranks_stop_signal_counts():
     import torch.multiprocessing as mp
     from ddpm_dist.distributed import free_port
     mp.spawn(_agree_worker, args=(free_port(),), nprocs=2, join=True)
+
+
+# ---- start-up reads: the Inception weights are read by rank 0 alone ---------------------------------
+
+def _inception_worker(rank: int, world: int, port: int, weights: str, out: str) -> None:
+    from ddpm_dist import distributed
+    from ddpm_dist.evaluation.shared_weights import load_inception_once
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    reads = []
+    real_open = builtins.open
+    builtins.open = lambda path, *a, **kw: (reads.append(str(path)) if str(path) == weights else None,
+                                            real_open(path, *a, **kw))[1]
+    info = distributed.init_distributed("cpu")
+    try:
+        model = load_inception_once(weights, info)
+    finally:
+        builtins.open = real_open
+        distributed.teardown()
+    torch.save({"reads": len(reads), "state": model.state_dict()}, Path(out) / f"rank{rank}.pt")
+
+
+def test_only_rank_0_reads_the_inception_weights_and_every_rank_gets_them(tmp_path):
+    import torch.multiprocessing as mp
+    from ddpm_dist.distributed import free_port
+    from ddpm_dist.metrics.inception import FIDInceptionV3
+    torch.manual_seed(3)
+    weights = tmp_path / "inception.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    world = 3
+    mp.spawn(_inception_worker, args=(world, free_port(), str(weights), str(tmp_path)), nprocs=world, join=True)
+    expected = torch.load(weights, weights_only=True)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert (got["reads"] > 0) == (rank == 0), (rank, got["reads"])
+        assert all(torch.equal(got["state"][k], v) for k, v in expected.items()), rank
