@@ -276,6 +276,7 @@ def _grid_worker(rank: int, world: int, port: int, out: str) -> None:
         distributed.teardown()
 
 
+@pytest.mark.slow  # three processes start torch: ~20 s on 2 busy cores
 def test_the_grid_split_over_3_gloo_ranks_is_the_one_process_grid_byte_for_byte(tmp_path):
     import torch.multiprocessing as mp
     from ddpm_dist.distributed import free_port
@@ -361,6 +362,7 @@ def _inception_worker(rank: int, world: int, port: int, weights: str, out: str) 
     torch.save({"reads": len(reads), "state": model.state_dict()}, Path(out) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow  # processes start torch and build Inception-v3: ~20 s on 2 busy cores
 def test_only_rank_0_reads_the_inception_weights_and_every_rank_gets_them(tmp_path):
     import torch.multiprocessing as mp
     from ddpm_dist.distributed import free_port
@@ -368,7 +370,7 @@ def test_only_rank_0_reads_the_inception_weights_and_every_rank_gets_them(tmp_pa
     torch.manual_seed(3)
     weights = tmp_path / "inception.pth"
     torch.save(FIDInceptionV3().state_dict(), weights)
-    world = 3
+    world = 2
     mp.spawn(_inception_worker, args=(world, free_port(), str(weights), str(tmp_path)), nprocs=world, join=True)
     expected = torch.load(weights, weights_only=True)
     for rank in range(world):
