@@ -207,16 +207,19 @@ def test_eval_nll_on_shards_reads_only_each_ranks_share(tmp_path, monkeypatch):
     world, n, per_shard = 64, 512, 8
     shards = write_noise_shards(tmp_path / "test_shards", n=n, res=8, max_samples=per_shard)
     save_config(_tiny_config(), tmp_path / "tiny.yaml")
+    from ddpm_dist.data import shards as shard_index
     reads: list[str] = []
-    real = stream.read_shard_at
+    real, real_index = stream.read_shard_at, shard_index.read_index
     monkeypatch.setattr(stream, "read_shard_at", lambda url, *a, **kw: (reads.append(url), real(url, *a, **kw))[1])
+    monkeypatch.setattr(shard_index, "read_index", lambda *a, **kw: (reads.append("index.json"), real_index(*a, **kw))[1])
     args = eval_nll.parse_args(["--random-init", "--config", str(tmp_path / "tiny.yaml"), "--data", shards,
                                 "--device", "cpu", "--batch-size", "8"])
     per_rank = []
     for rank in range(world):
         with simulated_rank(rank, world, monkeypatch):
             eval_nll.run_rank(args)
-        per_rank.append(len(reads))
+        assert reads.count("index.json") == 1, reads  # start-up: the index once
+        per_rank.append(len(reads) - 1)
         reads.clear()
     assert max(per_rank) <= math.ceil(n / world / per_shard) + 1, per_rank
     assert sum(per_rank) <= n // per_shard + world, sum(per_rank)
