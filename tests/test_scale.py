@@ -380,3 +380,23 @@ def test_only_rank_0_reads_the_inception_weights_and_every_rank_gets_them(tmp_pa
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert (got["reads"] > 0) == (rank == 0), (rank, got["reads"])
         assert all(torch.equal(got["state"][k], v) for k, v in expected.items()), rank
+
+
+def test_only_rank_0_reads_the_model_weights_the_others_read_the_header(tmp_path, monkeypatch):
+    """Ranks of 512 load a .safetensors model: rank 0 reads it, the others its header (the weights
+    then go out by broadcast, which tests/test_sampling.py's 3-rank run checks sample for sample)."""
+    from ddpm_dist.evaluation.shared_weights import load_model_once
+    from ddpm_dist.modelio import model_file
+    from ddpm_dist.modelio.factory import build_model
+    cfg = _tiny_config()
+    path = tmp_path / "tiny.safetensors"
+    model_file.save_model_file(path, build_model(cfg.model).state_dict(), cfg)
+    full_reads = []
+    real = model_file.read_model_file
+    monkeypatch.setattr(model_file, "read_model_file",
+                        lambda p, weights=True: (full_reads.append(weights) if weights else None, real(p, weights))[1])
+    for rank in (0, 1, 7, 8, 255, W - 1):  # each rank's reads do not depend on the others'
+        with simulated_rank(rank, W, monkeypatch) as info:
+            model, _ = load_model_once(str(path), None, False, info)
+        assert model.resolution == 8 and full_reads == ([True] if rank == 0 else []), (rank, full_reads)
+        full_reads.clear()

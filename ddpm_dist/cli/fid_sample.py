@@ -31,7 +31,7 @@ from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
 from ddpm_dist.evaluation.generate import SampleJob, auto_batch_size, check_output, generate
-from ddpm_dist.evaluation.shared_weights import load_inception_once
+from ddpm_dist.evaluation.shared_weights import load_inception_once, load_model_once
 from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace
@@ -123,11 +123,11 @@ def sample_jobs(args, sha: str, batch: int) -> list[SampleJob]:
 
 def run_rank(args) -> dict | None:
     """One rank's work; rank 0 returns the result."""
-    model, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
     info = distributed.init_distributed(args.device)
     try:
+        model, diffusion = load_model_once(args.ckpt, args.config, args.random_init, info)
         sha = weights_sha256(model.state_dict())
-        sampler = Sampler(model.to(info.device), diffusion, (model.in_channels, model.resolution, model.resolution),
+        sampler = Sampler(model, diffusion, (model.in_channels, model.resolution, model.resolution),
                           sampler=args.sampler, steps=args.steps, eta=args.eta, bf16=args.bf16, compile=args.compile)
         batch = auto_batch_size(sampler, info.device) if args.batch_size == "auto" else args.batch_size
         inception, ref = load_scoring(args, info) if args.score else (None, None)

@@ -7,6 +7,8 @@ every other rank builds the same network untrained, and the weights go to them b
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.distributed as dist
 from torch import nn
 
@@ -19,6 +21,33 @@ def broadcast_weights(module: nn.Module) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         for tensor in module.state_dict().values():  # views of the module's own storage
             dist.broadcast(tensor, src=0)
+
+
+def load_model_once(ckpt: str | None, config: str | None, random_init: bool, info: DistInfo):
+    """Collective: (network in eval mode on `info.device`, diffusion) to evaluate, on every rank.
+    From a .safetensors model file rank 0 reads the weights and broadcasts them, the other ranks
+    read only the file's header (the settings); a checkpoint folder, a .pt file and
+    --random-init are read by every rank. If rank 0 cannot load, every rank raises."""
+    from ddpm_dist.modelio.factory import build_diffusion, build_model
+    from ddpm_dist.modelio.model_file import read_model_file
+    from ddpm_dist.modelio.source import load_for_evaluation
+    if random_init or ckpt is None or Path(ckpt).suffix != ".safetensors" or not dist.is_initialized():
+        model, diffusion = load_for_evaluation(ckpt, config, random_init=random_init)
+        return model.to(info.device), diffusion
+    loaded, error = None, None
+    try:
+        if info.is_main:
+            loaded = load_for_evaluation(ckpt, config)
+        else:
+            _, model_cfg, diffusion_cfg = read_model_file(ckpt, weights=False)
+            loaded = build_model(model_cfg).eval(), build_diffusion(diffusion_cfg)
+    except (FileNotFoundError, ValueError) as e:
+        error = e
+    if any_flag(error is not None):
+        raise error or ValueError(f"rank 0 could not load {ckpt} (its log says why)")
+    model, diffusion = loaded
+    broadcast_weights(model.to(info.device))
+    return model, diffusion
 
 
 def load_inception_once(weights: str | None, info: DistInfo) -> nn.Module:
