@@ -207,16 +207,19 @@ def test_eval_nll_on_shards_reads_only_each_ranks_share(tmp_path, monkeypatch):
     world, n, per_shard = 64, 512, 8
     shards = write_noise_shards(tmp_path / "test_shards", n=n, res=8, max_samples=per_shard)
     save_config(_tiny_config(), tmp_path / "tiny.yaml")
+    from ddpm_dist.data import shards as shard_index
     reads: list[str] = []
-    real = stream.read_shard_at
+    real, real_index = stream.read_shard_at, shard_index.read_index
     monkeypatch.setattr(stream, "read_shard_at", lambda url, *a, **kw: (reads.append(url), real(url, *a, **kw))[1])
+    monkeypatch.setattr(shard_index, "read_index", lambda *a, **kw: (reads.append("index.json"), real_index(*a, **kw))[1])
     args = eval_nll.parse_args(["--random-init", "--config", str(tmp_path / "tiny.yaml"), "--data", shards,
                                 "--device", "cpu", "--batch-size", "8"])
     per_rank = []
     for rank in range(world):
         with simulated_rank(rank, world, monkeypatch):
             eval_nll.run_rank(args)
-        per_rank.append(len(reads))
+        assert reads.count("index.json") == 1, reads  # start-up: the index once
+        per_rank.append(len(reads) - 1)
         reads.clear()
     assert max(per_rank) <= math.ceil(n / world / per_shard) + 1, per_rank
     assert sum(per_rank) <= n // per_shard + world, sum(per_rank)
@@ -276,6 +279,7 @@ def _grid_worker(rank: int, world: int, port: int, out: str) -> None:
         distributed.teardown()
 
 
+@pytest.mark.slow  # three processes start torch: ~20 s on 2 busy cores
 def test_the_grid_split_over_3_gloo_ranks_is_the_one_process_grid_byte_for_byte(tmp_path):
     import torch.multiprocessing as mp
     from ddpm_dist.distributed import free_port
@@ -338,3 +342,61 @@ def test_only_rank_0s_clock_decides_and_any_ranks_stop_signal_counts():
     import torch.multiprocessing as mp
     from ddpm_dist.distributed import free_port
     mp.spawn(_agree_worker, args=(free_port(),), nprocs=2, join=True)
+
+
+# ---- start-up reads: the Inception weights are read by rank 0 alone ---------------------------------
+
+def _inception_worker(rank: int, world: int, port: int, weights: str, out: str) -> None:
+    from ddpm_dist import distributed
+    from ddpm_dist.evaluation.shared_weights import load_inception_once
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    reads = []
+    real_open = builtins.open
+    builtins.open = lambda path, *a, **kw: (reads.append(str(path)) if str(path) == weights else None,
+                                            real_open(path, *a, **kw))[1]
+    info = distributed.init_distributed("cpu")
+    try:
+        model = load_inception_once(weights, info)
+    finally:
+        builtins.open = real_open
+        distributed.teardown()
+    torch.save({"reads": len(reads), "state": model.state_dict()}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow  # processes start torch and build Inception-v3: ~20 s on 2 busy cores
+def test_only_rank_0_reads_the_inception_weights_and_every_rank_gets_them(tmp_path):
+    import torch.multiprocessing as mp
+    from ddpm_dist.distributed import free_port
+    from ddpm_dist.metrics.inception import FIDInceptionV3
+    torch.manual_seed(3)
+    weights = tmp_path / "inception.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    world = 2
+    mp.spawn(_inception_worker, args=(world, free_port(), str(weights), str(tmp_path)), nprocs=world, join=True)
+    expected = torch.load(weights, weights_only=True)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert (got["reads"] > 0) == (rank == 0), (rank, got["reads"])
+        assert all(torch.equal(got["state"][k], v) for k, v in expected.items()), rank
+
+
+def test_only_rank_0_reads_the_model_weights_the_others_read_the_header(tmp_path, monkeypatch):
+    """Ranks of 512 load a .safetensors model: rank 0 reads it, the others its header (the weights
+    then go out by broadcast, which tests/test_sampling.py's 3-rank run checks sample for sample)."""
+    from ddpm_dist.evaluation.shared_weights import load_model_once
+    from ddpm_dist.modelio import model_file
+    from ddpm_dist.modelio.factory import build_model
+    cfg = _tiny_config()
+    path = tmp_path / "tiny.safetensors"
+    model_file.save_model_file(path, build_model(cfg.model).state_dict(), cfg)
+    full_reads = []
+    real = model_file.read_model_file
+    monkeypatch.setattr(model_file, "read_model_file",
+                        lambda p, weights=True: (full_reads.append(weights) if weights else None, real(p, weights))[1])
+    for rank in (0, 1, 7, 8, 255, W - 1):  # each rank's reads do not depend on the others'
+        with simulated_rank(rank, W, monkeypatch) as info:
+            model, _ = load_model_once(str(path), None, False, info)
+        assert model.resolution == 8 and full_reads == ([True] if rank == 0 else []), (rank, full_reads)
+        full_reads.clear()

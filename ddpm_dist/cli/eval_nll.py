@@ -17,6 +17,7 @@ from pathlib import Path
 from ddpm_dist import distributed
 from ddpm_dist.distributed import all_reduce_sum, rank_block
 from ddpm_dist.evaluation.nll import bpd_means, bpd_sums, open_test_set
+from ddpm_dist.evaluation.shared_weights import load_model_once
 from ddpm_dist.launch.ranks import add_launch_arguments
 from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.modelio.model_file import weights_sha256
@@ -38,13 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_rank(args) -> dict | None:
-    model, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
     info = distributed.init_distributed(args.device)
     try:
+        model, diffusion = load_model_once(args.ckpt, args.config, args.random_init, info)
         images = open_test_set(args.data, model.resolution)
         n = min(len(images), args.num_images or len(images))
         mine = list(rank_block(n, info.rank, info.world_size))
-        sums = bpd_sums(model.to(info.device), diffusion, images, mine, seed=args.seed,
+        sums = bpd_sums(model, diffusion, images, mine, seed=args.seed,
                         batch_size=args.batch_size, device=info.device, show=info.is_main)
         all_reduce_sum([sums])  # float64 sums: the mean does not depend on W
         return {**bpd_means(sums), "data": args.data, "seed": args.seed, "num_timesteps": diffusion.num_timesteps,

@@ -33,6 +33,7 @@ from ddpm_dist.utils.files import atomic_write
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
 from ddpm_dist.evaluation.generate import SampleJob, auto_batch_size, check_output, generate
 from ddpm_dist.evaluation.grid import GRID_FILE, write_samples_grid
+from ddpm_dist.evaluation.shared_weights import load_inception_once, load_model_once
 from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace
@@ -78,16 +79,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_scoring(args, device):
-    """(Inception, reference stats) before any sampling, so a missing file fails fast."""
-    from ddpm_dist.metrics.inception import load_inception
+def load_scoring(args, info):
+    """Collective: (Inception, reference stats) before any sampling, so a missing file fails
+    fast. Rank 0 alone reads (or downloads) the Inception weights and broadcasts them; the
+    reference statistics are needed by rank 0 only."""
     from ddpm_dist.metrics.stats import load_stats
-    ref = None
-    if args.ref_stats:
-        ref = load_stats(args.ref_stats)
-        if ref is None:
-            raise FileNotFoundError(f"--ref-stats {args.ref_stats}: not an .npz with mu and sigma")
-    return load_inception(args.inception_weights, device, allow_download=True), ref
+    ref, error = None, None
+    if args.ref_stats and info.is_main:
+        try:
+            ref = load_stats(args.ref_stats)
+        except ValueError as e:
+            error = e
+        if ref is None and error is None:
+            error = FileNotFoundError(f"--ref-stats {args.ref_stats}: not an .npz with mu and sigma")
+    if distributed.any_flag(error is not None):  # every rank stops, not only rank 0
+        raise error or FileNotFoundError(f"--ref-stats {args.ref_stats}: rank 0 could not read it")
+    return load_inception_once(args.inception_weights, info), ref
 
 
 def summary(args, sha, runs: list[dict]) -> dict:
@@ -118,14 +125,14 @@ def sample_jobs(args, sha: str, batch: int) -> list[SampleJob]:
 
 def run_rank(args) -> dict | None:
     """One rank's work; rank 0 returns the result."""
-    model, diffusion = load_for_evaluation(args.ckpt, args.config, random_init=args.random_init)
     info = distributed.init_distributed(args.device)
     try:
+        model, diffusion = load_model_once(args.ckpt, args.config, args.random_init, info)
         sha = weights_sha256(model.state_dict())
-        sampler = Sampler(model.to(info.device), diffusion, (model.in_channels, model.resolution, model.resolution),
+        sampler = Sampler(model, diffusion, (model.in_channels, model.resolution, model.resolution),
                           sampler=args.sampler, steps=args.steps, eta=args.eta, bf16=args.bf16, compile=args.compile)
         batch = auto_batch_size(sampler, info.device) if args.batch_size == "auto" else args.batch_size
-        inception, ref = load_scoring(args, info.device) if args.score else (None, None)
+        inception, ref = load_scoring(args, info) if args.score else (None, None)
         runs = []
         for job in sample_jobs(args, sha, batch):
             out, seed = Path(job.out), job.seed

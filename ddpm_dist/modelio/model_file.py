@@ -36,12 +36,15 @@ def save_model_file(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: 
             torch.save({"settings": json.dumps(settings), "state_dict": tensors}, tmp)
 
 
-def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, DiffusionConfig]:
+def read_model_file(path: str | Path, weights: bool = True) -> tuple[dict[str, torch.Tensor], ModelConfig,
+                                                                      DiffusionConfig]:
+    """(tensors, settings); with `weights=False` a .safetensors file's header alone is read and
+    the tensors are {} (a .pt file is read whole either way)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist (write one with tools/export.py)")
     try:
-        raw, tensors = _read_raw(path)
+        raw, tensors = _read_raw(path, weights)
         settings = json.loads(raw) if raw is not None else None
     except Exception as e:  # safetensors, torch.load and json each raise their own types
         raise ValueError(f"{path} is not a readable model file ({_first_line(e)})") from None
@@ -56,12 +59,13 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCon
     return tensors, model_cfg, diffusion_cfg
 
 
-def _read_raw(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+def _read_raw(path: Path, weights: bool = True) -> tuple[str | None, dict[str, torch.Tensor]]:
     """(settings JSON or None, tensors); raises whatever the file's reader raises."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("ddpm_dist"), {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if weights else {}
+            return (f.metadata() or {}).get("ddpm_dist"), tensors
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict):
         raise ValueError(f"it holds a {type(blob).__name__}, not a dict of settings and weights")
