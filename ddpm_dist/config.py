@@ -315,9 +315,8 @@ def _check_ranges(cfg: Config) -> None:
             extra = " (the number of newest checkpoints kept)" if key == "train.keep_last" else ""
             raise ConfigError(f"{key}: must be {rule}, got {value}{extra}")
     t = cfg.train
-    if t.sample_steps == 1 or t.sample_steps > cfg.diffusion.num_timesteps:
-        raise ConfigError(f"train.sample_steps: must be 0 (all steps) or 2 to diffusion.num_timesteps="
-                          f"{cfg.diffusion.num_timesteps}, got {t.sample_steps}")
+    if t.sample_steps == 1:  # one respaced step would jump from x_T straight to x_0
+        raise ConfigError("train.sample_steps: must be 0 (all steps) or at least 2, got 1")
     if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
         # every world size W needs batch_size % (micro_batch_size * W) == 0 (checked at start)
         raise ConfigError(f"train.micro_batch_size: {t.micro_batch_size} does not divide "

@@ -290,11 +290,11 @@ class Run:
     def sample_grid(self, done: int) -> None:
         """EMA samples from a fixed seed, each rank computing its share of the rows
         (training/sample_grid.py); rank 0 writes the grid. Grids before the last step take
-        train.sample_steps respaced steps."""
+        train.sample_steps respaced steps (all T when it is 0 or at least T)."""
         cfg = self.cfg
         shape = (cfg.train.num_samples, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
         diffusion, model = self.diffusion, self.engine.model
-        if cfg.train.sample_steps and done < cfg.train.total_steps:
+        if 0 < cfg.train.sample_steps < self.diffusion.num_timesteps and done < cfg.train.total_steps:
             diffusion, kept = respace(self.diffusion, cfg.train.sample_steps)
             model = TimestepMap(model, kept)
         with self.engine.ema_weights(), self.engine.autocast():

@@ -86,7 +86,8 @@ def _sample(model_file, out, *extra):
 
 
 def _pngs(out) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(Path(out).rglob("*.png"))}
+    """The sample PNGs (DIR/<thousands>/{i:06d}.png), not the preview grid beside result.json."""
+    return {p.name: p.read_bytes() for p in sorted(Path(out).glob("[0-9]*/[0-9]*.png"))}
 
 
 @pytest.fixture(scope="module")
