@@ -92,7 +92,8 @@ class TrainConfig:
     log_every: int = 100
     sample_every: int = 10_000
     num_samples: int = 64
-    # Respaced ancestral steps for the sample grids before the last step (0: all T). A cheap
+    # Respaced ancestral steps for the sample grids before the last step (0, or T and more: all
+    # T). A cheap
     # setting shows the samples emerge during a run at a fraction of the cost; the last step's
     # grid always runs the full chain.
     sample_steps: int = 0
