@@ -228,10 +228,11 @@ def test_deepspeed_fp16_follows_what_the_accelerator_supports(tmp_path):
     import deepspeed  # noqa: F401  (the test extras install it; missing must fail, not skip)
     from deepspeed.accelerator import get_accelerator
 
+    from ddpm_dist.training.engines import EngineSettings
     from ddpm_dist.training.engines.deepspeed_engine import check_supported
     if not get_accelerator().is_fp16_supported():
         with pytest.raises(RuntimeError, match="precision=fp16 is not supported"):
-            check_supported(make_cfg("deepspeed", "fp16"))
+            check_supported(EngineSettings.of(make_cfg("deepspeed", "fp16")))
         return
     got = run_two_ranks(tmp_path, "deepspeed", precision="fp16")
     for accum in (1, 2):
@@ -349,8 +350,9 @@ def test_every_registered_engine_has_a_class_writing_the_format_the_registry_nam
 
 
 def test_deepspeed_runs_torchs_fused_adam_on_cuda_and_foreach_on_cpu():
+    from ddpm_dist.training.engines import EngineSettings
     from ddpm_dist.training.engines.deepspeed_engine import ds_config
-    cfg = make_cfg("deepspeed")
+    cfg = EngineSettings.of(make_cfg("deepspeed"))
     cuda = ds_config(cfg, 4, 1, torch.device("cuda", 0))["optimizer"]["params"]
     cpu = ds_config(cfg, 4, 1, torch.device("cpu"))["optimizer"]["params"]
     assert cuda["torch_adam"] and cuda["fused"] and "foreach" not in cuda

@@ -11,9 +11,10 @@ from ddpm_dist.engine_registry import ENGINES
 from ddpm_dist.runtime import compile_enabled, enable_cudnn_benchmark, memory_format
 
 from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format
+from .settings import EngineSettings
 
 __all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "engine_class", "batch_split",
-           "checkpoint_format"]
+           "checkpoint_format", "EngineSettings"]
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -36,18 +37,19 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info:
     if not spec.needs_group and dist_info.world_size > 1:
         raise RuntimeError(f"engine={cfg.engine} runs one process, but world_size={dist_info.world_size}; "
                            f"use engine=ddp or engine=fsdp")
+    settings = EngineSettings.of(cfg)
     device = torch.device(device)
     enable_cudnn_benchmark(device)
     model.to(device, memory_format=memory_format(device))
     # Whole-model compile where the wrapper leaves the module's forward alone (single, DDP);
     # FSDP2 and DeepSpeed hook every block, so each block is compiled between the hooks.
-    apply_block_options(model, activation_checkpointing=cfg.train.activation_checkpointing,
-                        compile=compile_enabled(cfg.train.compile, device), device=device,
-                        precision=cfg.train.precision, whole_model=not spec.wraps_blocks,
-                        compile_mode=cfg.train.compile_mode)
+    apply_block_options(model, activation_checkpointing=settings.activation_checkpointing,
+                        compile=compile_enabled(settings.compile, device), device=device,
+                        precision=settings.precision, whole_model=not spec.wraps_blocks,
+                        compile_mode=settings.compile_mode)
     if cfg.engine == "deepspeed":  # DeepSpeed takes the batch split into its own config
-        return engine_class(cfg.engine)(cfg, model, device, dist_info, *batch_split(cfg, dist_info.world_size))
-    return engine_class(cfg.engine)(cfg, model, device, dist_info)
+        return engine_class(cfg.engine)(settings, model, device, dist_info, *batch_split(cfg, dist_info.world_size))
+    return engine_class(cfg.engine)(settings, model, device, dist_info)
 
 
 def engine_class(name: str) -> type[Engine]:

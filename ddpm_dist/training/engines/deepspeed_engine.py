@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ddpm_dist.config import Config
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.runtime import autocast_context
 from ddpm_dist.training.ema import EMA, local_views
 from ddpm_dist.utils.files import atomic_path, fsync_file, is_temp_file
 
 from .base import DEEPSPEED_TAG, Engine, StepResult
+from .settings import EngineSettings
 
 INSTALL_HINT = "engine=deepspeed needs `pip install ddpm-dist[deepspeed]`"
 
@@ -34,9 +34,9 @@ def import_deepspeed():
     return deepspeed
 
 
-def ds_config(cfg: Config, micro_batch: int, accum_steps: int, device: torch.device) -> dict:
+def ds_config(settings: EngineSettings, micro_batch: int, accum_steps: int, device: torch.device) -> dict:
     """The paper's Adam, clipping and precision as a DeepSpeed config."""
-    o, precision = cfg.optim, cfg.train.precision
+    o, precision = settings.optim, settings.precision
     # torch's Adam inside DeepSpeed: its fused kernel on CUDA (one launch for all tensors, as
     # the torch engines use), foreach on CPU. DeepSpeed's own fused Adam is a JIT build that
     # takes minutes on a 2-core CPU and needs a CUDA toolkit on GPU nodes.
@@ -48,7 +48,7 @@ def ds_config(cfg: Config, micro_batch: int, accum_steps: int, device: torch.dev
                                                  "weight_decay": 0.0, "torch_adam": True,
                                                  "adam_w_mode": False, **kernel}},
         "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_optimization": {"stage": settings.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         # fp16 scaler constants as torch.amp.GradScaler's: 2^16 initial, window 2000.
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 2000},
@@ -56,13 +56,13 @@ def ds_config(cfg: Config, micro_batch: int, accum_steps: int, device: torch.dev
     }
 
 
-def check_supported(cfg: Config) -> None:
+def check_supported(settings: EngineSettings) -> None:
     """Refuse, in one line, what DeepSpeed would reject with a deep traceback."""
     from deepspeed.accelerator import get_accelerator
-    if cfg.train.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"train.zero_stage: must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if settings.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"train.zero_stage: must be 0, 1, 2 or 3, got {settings.zero_stage}")
     accel = get_accelerator()
-    if cfg.train.precision == "fp16" and not accel.is_fp16_supported():
+    if settings.precision == "fp16" and not accel.is_fp16_supported():
         raise RuntimeError(f"engine=deepspeed: precision=fp16 is not supported on DeepSpeed's "
                            f"{accel.device_name()} accelerator; use bf16 or fp32 (or engine=fsdp)")
 
@@ -89,20 +89,20 @@ def fsync_rank_files(folder: Path, rank: int) -> None:
 class DeepSpeedEngine(Engine):
     checkpoint_format = "deepspeed"
 
-    def __init__(self, cfg: Config, module: nn.Module, device: torch.device, info: DistInfo,
+    def __init__(self, settings: EngineSettings, module: nn.Module, device: torch.device, info: DistInfo,
                  micro_batch: int, accum_steps: int):
         deepspeed = import_deepspeed()
-        check_supported(cfg)
+        check_supported(settings)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        self.cfg, self.module, self.device, self.info = cfg, module, device, info
+        self.settings, self.module, self.device, self.info = settings, module, device, info
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=list(module.parameters()),
-            config=ds_config(cfg, micro_batch, accum_steps, device))
+            config=ds_config(settings, micro_batch, accum_steps, device))
         self.names, params = zip(*module.named_parameters())
         self.params = list(params)
-        self.ema = EMA(self.local_params(), cfg.train.ema_decay, names=self.names)
+        self.ema = EMA(self.local_params(), settings.ema_decay, names=self.names)
         # bf16/fp32: DeepSpeed applies a step with non-finite gradients (see `step`).
-        self.skips_nonfinite_steps = cfg.train.precision == "fp16"
+        self.skips_nonfinite_steps = settings.precision == "fp16"
 
     def local_params(self) -> list[torch.Tensor]:
         """What this rank holds of each parameter: its ZeRO-3 partition, else the tensor."""
@@ -110,7 +110,7 @@ class DeepSpeedEngine(Engine):
 
     def autocast(self):
         # DeepSpeed casts the weights to bf16/fp16 but not the UNet's fp32 time embedding.
-        return autocast_context(self.device, self.cfg.train.precision)
+        return autocast_context(self.device, self.settings.precision)
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         # The caller has already divided by the number of micro-batches.

@@ -12,19 +12,19 @@ import torch.distributed.checkpoint.state_dict as dcp_sd
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ddpm_dist.config import Config
+from ddpm_dist.config import OptimConfig
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.runtime import DTYPES, autocast_context
 from ddpm_dist.training.ema import EMA, local_views
 
 from .base import DynamicLossScaler, Engine, StepResult
 from .dcp_files import SafeFileSystemReader, SafeLoadPlanner, durable_writer
+from .settings import EngineSettings
 
 
-def make_adam(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Adam:
+def make_adam(o: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Adam:
     """The paper's Adam: no weight decay. The fused kernel (CUDA and CPU): one launch for all
     tensors, and it takes `found_inf`, so a non-finite step is skipped on the device."""
-    o = cfg.optim
     return torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             weight_decay=0.0, fused=True)
 
@@ -34,20 +34,20 @@ class TorchEngine(Engine):
 
     checkpoint_format = "dcp"
 
-    def __init__(self, cfg: Config, module: nn.Module, device: torch.device, info: DistInfo):
-        self.cfg, self.module, self.device, self.info = cfg, module, device, info
+    def __init__(self, settings: EngineSettings, module: nn.Module, device: torch.device, info: DistInfo):
+        self.settings, self.module, self.device, self.info = settings, module, device, info
         self.model = self._wrap(module)
         self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters()])
-        self.optimizer = make_adam(cfg, list(self.params))
-        self.scaler = DynamicLossScaler(enabled=cfg.train.precision == "fp16", device=device)
-        self.ema = EMA(self.params, cfg.train.ema_decay, names=self.names)
+        self.optimizer = make_adam(settings.optim, list(self.params))
+        self.scaler = DynamicLossScaler(enabled=settings.precision == "fp16", device=device)
+        self.ema = EMA(self.params, settings.ema_decay, names=self.names)
         self._param_views = local_views(self.params)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         return module
 
     def autocast(self):
-        return autocast_context(self.device, self.cfg.train.precision)
+        return autocast_context(self.device, self.settings.precision)
 
     def _set_grad_sync(self, sync: bool) -> None:
         """Where the wrapper decides at backward time whether to reduce gradients (FSDP2)."""
@@ -57,8 +57,8 @@ class TorchEngine(Engine):
         self.scaler.scale_loss(loss).backward()
 
     def _global_grad_norm(self) -> torch.Tensor:
-        """Clip to cfg.optim.grad_clip and return the norm before clipping, over all shards."""
-        norm = nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip, foreach=True)
+        """Clip to optim.grad_clip and return the norm before clipping, over all shards."""
+        norm = nn.utils.clip_grad_norm_(self.params, self.settings.optim.grad_clip, foreach=True)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def step(self, lr: float) -> StepResult:
@@ -138,7 +138,7 @@ class FSDPEngine(TorchEngine):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(self.device.type, (self.info.world_size,))
-        dtype = DTYPES[self.cfg.train.precision]
+        dtype = DTYPES[self.settings.precision]
         mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None,
                                   reduce_dtype=torch.float32)
         # The time MLP gets its own group so its fp32 sinusoidal input is cast to param_dtype
