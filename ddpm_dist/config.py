@@ -93,9 +93,8 @@ class TrainConfig:
     sample_every: int = 10_000
     num_samples: int = 64
     # Respaced ancestral steps for the sample grids before the last step (0, or T and more: all
-    # T). A cheap
-    # setting shows the samples emerge during a run at a fraction of the cost; the last step's
-    # grid always runs the full chain.
+    # T). A cheap setting shows the samples emerge during a run at a fraction of the cost; the
+    # last step's grid always runs the full chain.
     sample_steps: int = 0
     ckpt_every: int = 5_000
     # Also save when this many minutes have passed since the last checkpoint (0: off), checked
