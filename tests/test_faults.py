@@ -150,7 +150,7 @@ def test_loader_workers_ignore_stop_signals(tmp_path):
     shards = write_noise_shards(tmp_path / "shards", n=200, res=8, max_samples=10)
     before = set(_children())
     batches = iter(stream_for(shards, workers=2, batch=4))
-    next(batches)
+    next(batches), next(batches)  # one batch from each worker (in turn): both have started
     workers = [pid for pid in _children() if pid not in before]
     assert len(workers) == 2
     for sig in ("TERM", "INT", "USR1", "USR2"):  # sent by another process, as Slurm's are
