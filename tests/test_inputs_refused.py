@@ -94,3 +94,12 @@ def test_image_sources_of_the_evaluation_tools_refuse_other_schemes():
     from ddpm_dist.metrics.image_sources import open_images
     with pytest.raises(ValueError, match="https:// is not supported"):
         open_images("https://example.invalid/cifar10_train_png/")
+
+
+@pytest.mark.parametrize("tool, count", [("tools/fid_sample.py", "--num-samples"), ("tools/eval_nll.py", "--num-images")])
+def test_an_evaluation_output_path_with_a_newline_is_refused_before_anything_is_written(tool, count, tmp_path):
+    out = tmp_path / "run\nx"
+    proc = subprocess.run([sys.executable, tool, "--random-init", count, "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "control character" in proc.stderr, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -23,6 +23,7 @@ from ddpm_dist.launch.tool import RankedTool, run_tool
 from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.modelio.source import add_model_arguments, load_for_evaluation
 from ddpm_dist.utils.files import atomic_write
+from ddpm_dist.utils.urls import control_character_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if error := control_character_error(args.out, "--out"):
+        p.error(error)  # a file name, and on Slurm a job script's line
+    return args
 
 
 def run_rank(args) -> dict | None:

@@ -37,6 +37,7 @@ from ddpm_dist.evaluation.shared_weights import load_inception_once, load_model_
 from ddpm_dist.metrics.evaluate import InceptionStatistics
 from ddpm_dist.modelio.model_file import weights_sha256
 from ddpm_dist.samplers import SAMPLERS, Sampler, respace
+from ddpm_dist.utils.urls import control_character_error
 
 
 def batch_size(text: str) -> int | str:
@@ -73,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid Inception state dict")
     p.add_argument("--ref-stats", metavar="NPZ", help="reference mu/sigma (tools/fid_stats.py)")
     args = p.parse_args(argv)
+    if error := control_character_error(args.out, "--out"):
+        p.error(error)  # a file name, and on Slurm a job script's line
     if args.num_samples < 1 or args.world_size < 1 or args.seeds < 1:
         p.error("--num-samples, --world-size and --seeds must be positive")
     args.score = bool(args.score or args.ref_stats or args.inception_weights)
