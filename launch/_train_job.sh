@@ -13,6 +13,8 @@
 #                   name on the sbatch line are appended to them. All of these are resolved
 #                   once, at the job's first start, into OUT_DIR/slurm-job-<id>-config.yaml,
 #                   which every requeue of the job trains with.
+#   DDPM_CONFIG_SNAPSHOT  a resolved config to train with unchanged, instead of all of the above
+#                   (launch/sbatch.py sets it: the settings resolved when the job was submitted)
 #   DDPM_PYTHON     interpreter                   (default: python on PATH, e.g. the active venv)
 #
 #   DDPM_MAX_FAULT_REQUEUES  requeues after storage outages (status 4) or a hung or dead rank
@@ -29,31 +31,50 @@
 set -uo pipefail
 
 cd "${DDPM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || exit 2
-config=${DDPM_CONFIG:-$DEFAULT_CONFIG}
-if [ ! -f "$config" ] || [ ! -f ddpm_dist/train.py ]; then
-  # checked here, before srun, so a typo fails in a second with one line in the job log
-  echo "error: config '$config' not found from $PWD (run sbatch from the checkout or set DDPM_REPO)" >&2
-  exit 2
-fi
-out_dir=${DDPM_OUT_DIR:-runs/$(basename "$config" .yaml)}
-overrides=("out_dir=$out_dir")
-[ -n "${DDPM_DATA:-}" ] && overrides+=("data.source=$DDPM_DATA")
-read -r -a extra <<< "${DDPM_OVERRIDES:-}"
-overrides+=("${extra[@]}" "$@")
+if [ -n "${DDPM_CONFIG_SNAPSHOT:-}" ] && [ -z "${DDPM_RESOLVE_ONLY:-}" ]; then
+  # resolved when the job was submitted (launch/sbatch.py): trained with as it is
+  snapshot=$DDPM_CONFIG_SNAPSHOT
+  if [ ! -f "$snapshot" ] || [ "$#" -gt 0 ]; then
+    echo "error: DDPM_CONFIG_SNAPSHOT '$snapshot' is not a file from $PWD, or key=value arguments came with it" \
+         "(they are resolved into it at submission: launch/sbatch.py)" >&2
+    exit 2
+  fi
+  described="$snapshot (resolved at submission)"
+else
+  config=${DDPM_CONFIG:-$DEFAULT_CONFIG}
+  if [ ! -f "$config" ] || [ ! -f ddpm_dist/train.py ]; then
+    # checked here, before srun, so a typo fails in a second with one line in the job log
+    echo "error: config '$config' not found from $PWD (run sbatch from the checkout or set DDPM_REPO)" >&2
+    exit 2
+  fi
+  out_dir=${DDPM_OUT_DIR:-runs/$(basename "$config" .yaml)}
+  overrides=("out_dir=$out_dir")
+  [ -n "${DDPM_DATA:-}" ] && overrides+=("data.source=$DDPM_DATA")
+  read -r -a extra <<< "${DDPM_OVERRIDES:-}"
+  overrides+=("${extra[@]}" "$@")
 
-# The settings are resolved once, when the job first starts, into a file of the job's own; every
-# run of the job (requeues included) trains with that file, so an edit of the YAML file or of
-# these variables does not reach a job that is already training.
-snapshot="$out_dir/slurm-job-${SLURM_JOB_ID:-0}-config.yaml"
-if [ ! -f "$snapshot" ]; then
-  mkdir -p "$out_dir" && "${DDPM_PYTHON:-python}" -m ddpm_dist.launch.config_snapshot \
-    --config "$config" --out "$snapshot" "${overrides[@]}" || exit 2
+  # The settings are resolved once, when the job first starts, into a file of the job's own;
+  # every run of the job (requeues included) trains with that file, so an edit of the YAML file
+  # does not reach a job that is already training (launch/sbatch.py resolves them earlier, at
+  # submission, and runs this script outside a job with DDPM_RESOLVE_ONLY=<a name of its own>
+  # to do so: the file's path is printed and nothing else is done).
+  snapshot="$out_dir/slurm-job-${SLURM_JOB_ID:-0}-config.yaml"
+  [ -n "${DDPM_RESOLVE_ONLY:-}" ] && snapshot="$out_dir/slurm-submit-$DDPM_RESOLVE_ONLY-config.yaml"
+  if [ ! -f "$snapshot" ]; then
+    "${DDPM_PYTHON:-python}" -m ddpm_dist.launch.config_snapshot \
+      --config "$config" --out "$snapshot" "${overrides[@]}" || exit 2
+  fi
+  if [ -n "${DDPM_RESOLVE_ONLY:-}" ]; then
+    case $snapshot in /*) echo "$snapshot" ;; *) echo "$PWD/$snapshot" ;; esac
+    exit 0
+  fi
+  described="$config ${overrides[*]} (resolved in $snapshot)"
 fi
 
 # one intra-op thread pool per rank, sized to its CPUs, or ranks sharing a node oversubscribe
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} run $(( ${SLURM_RESTART_COUNT:-0} + 1 )): ${SLURM_NTASKS:-1} tasks on" \
-     "${SLURM_JOB_NODELIST:-?}: $config ${overrides[*]} (resolved in $snapshot)"
+     "${SLURM_JOB_NODELIST:-?}: $described"
 
 # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch: pass it, or each rank
 # (and its data workers) is confined to one CPU where cores are bound. --wait: 60 s after the

@@ -4,6 +4,7 @@
 #   sbatch -p PARTITION -A ACCOUNT launch/train_lsun.sh               # from the checkout
 #   DDPM_DATA=s3://bucket/lsun_church/ DDPM_OUT_DIR=/scratch/runs/church sbatch launch/train_lsun.sh
 #   DDPM_CONFIG=configs/lsun_bedroom.yaml sbatch --nodes=2 launch/train_lsun.sh train.total_steps=2400000
+#   python launch/sbatch.py -p PARTITION launch/train_lsun.sh   # the settings resolved now, not at the start
 #
 # Every #SBATCH line below is a default: options on the sbatch command line win over
 # SBATCH_* environment variables (SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT, ...),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ddpm_dist.modelio.model_file import read_model_file
 from ddpm_dist.modelio.source import export_checkpoint
@@ -77,13 +78,17 @@ def job_env(cluster: dict, **extra: str) -> dict:
     return dict(os.environ, **job_vars(cluster), **extra)
 
 
+SUBMIT_HERE = (sys.executable, "launch/sbatch.py")  # resolves the settings at submission, then sbatch
+
+
 def sbatch(cluster: dict, run_dir: Path, *options: str, config: str = "configs/demo_digits.yaml",
-           overrides: tuple[str, ...] = ()) -> str:
+           overrides: tuple[str, ...] = (), submit: tuple[str, ...] = ("sbatch",)) -> str:
     """Submit launch/train_lsun.sh with the CPU test settings, changing only variables and
-    options; returns the job id. The job log is run_dir/job.log."""
+    options (`submit`: the command that takes sbatch's arguments); returns the job id. The job
+    log is run_dir/job.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = job_env(cluster, DDPM_CONFIG=config, DDPM_OUT_DIR=str(run_dir), DDPM_OVERRIDES=" ".join(TINY))
-    cmd = ["sbatch", "--parsable", f"--partition={cluster['SLURM_TEST_PARTITION']}", *CPU_JOB,
+    cmd = [*submit, "--parsable", f"--partition={cluster['SLURM_TEST_PARTITION']}", *CPU_JOB,
            f"--output={run_dir}/job.log", *options, "launch/train_lsun.sh", f"train.total_steps={STEPS}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -188,6 +193,39 @@ def test_submitit_job_preempted_requeues_and_matches_uninterrupted_run(slurm_clu
     stop, requeue = log.find("stop requested (signal 12)"), log.find(f"Requeued job {job.job_id}")
     assert 0 <= stop and 0 <= requeue and "this job is preempted" in log, log[-3000:]
     assert_resumed_like_reference(run_dir, reference_run, tmp_path, log)
+
+
+@pytest.mark.parametrize("submit, trained_lr", [(SUBMIT_HERE, 1.0e-3), (("sbatch",), 0.5)],
+                         ids=["launch/sbatch.py", "plain sbatch"])
+def test_a_config_edited_while_the_job_is_queued_reaches_only_a_plain_sbatch_job(slurm_cluster, tmp_path,
+                                                                                 submit, trained_lr):
+    """launch/sbatch.py freezes the settings when the job is submitted; plain sbatch when it
+    first starts (as documented), so an edit made while the job waits in the queue applies."""
+    run_dir, config = tmp_path / "queued", config_copy(tmp_path)
+    job_id = sbatch(slurm_cluster, run_dir, "--hold", "--export=ALL", config=str(config),
+                    overrides=("train.total_steps=2",), submit=submit)
+    try:
+        assert job_state(job_id) in ("PENDING", ""), job_state(job_id)  # held: not started
+        config.write_text(config.read_text().replace("lr: 1.0e-3", "lr: 0.5"))
+        assert subprocess.run(["scontrol", "release", job_id]).returncode == 0
+        state = wait_done(job_id, 240)
+    finally:
+        cancel(job_id)
+    log = (run_dir / "job.log").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert ("(resolved at submission)" in log) == (submit == SUBMIT_HERE), log[-3000:]
+    trained = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert trained["optim"]["lr"] == trained_lr and trained["train"]["total_steps"] == 2
+    assert logged_steps(run_dir) == [1, 2]
+
+
+def test_sbatch_helper_refuses_a_bad_setting_before_submitting(tmp_path):
+    proc = subprocess.run([*SUBMIT_HERE, "--hold", "launch/train_lsun.sh", "model.ch=abc"], cwd=REPO,
+                          env=dict(os.environ, DDPM_CONFIG="configs/demo_digits.yaml", DDPM_OUT_DIR=str(tmp_path / "run"),
+                               DDPM_PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: model.ch: expected int, got 'abc'", proc.stderr
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("config, overrides, message", [

@@ -2,13 +2,16 @@
 
     python -m ddpm_dist.launch.config_snapshot --config configs/lsun_church.yaml --out FILE key=value ...
 
-launch/_train_job.sh writes one per Slurm job when the job first starts and trains every run of
-the job (requeues included) from it, so an edit of the YAML file does not reach a running job.
+launch/_train_job.sh writes one per Slurm job when the job first starts, or launch/sbatch.py one
+when the job is submitted, and every run of the job (requeues included) trains from it, so an
+edit of the YAML file does not reach a job that has one. The file's folder is made only once the
+settings are valid: a refused setting leaves nothing behind.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ddpm_dist.config import ConfigError, load_config, save_config
 
@@ -20,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
-        save_config(load_config(args.config, args.overrides), args.out)
+        cfg = load_config(args.config, args.overrides)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, args.out)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
