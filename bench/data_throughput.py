@@ -49,7 +49,7 @@ class SyntheticSource:
     def ids(self):
         return [str(i) for i in range(len(self.images))]
 
-    def load(self, sid):
+    def open(self, sid):
         return Image.fromarray(self.images[int(sid)])
 
 

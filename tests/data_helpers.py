@@ -22,7 +22,7 @@ class NoiseSource:
     def ids(self):
         return [str(i) for i in range(len(self.images))]
 
-    def load(self, sid):
+    def open(self, sid):
         return Image.fromarray(self.images[int(sid)])
 
 
@@ -59,3 +59,17 @@ def webdataset_samples(source: str) -> list[tuple[str, str, bytes]]:
 
     ds = wds.WebDataset(webdataset_urls(source), shardshuffle=False).decode("rgb8", only=["png"])
     return [(s["__key__"], s["id"].decode(), s["png"].tobytes()) for s in ds]
+
+
+def huge_png(side: int) -> bytes:
+    """A valid grey PNG of side² black pixels, a few hundred KB: what a decompression bomb looks
+    like. Written chunk by chunk (PIL would take seconds to compress it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    pack, row = zlib.compressobj(1), bytes(side + 1)  # filter byte 0, then the row's pixels
+    pixels = b"".join(pack.compress(row) for _ in range(side)) + pack.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")

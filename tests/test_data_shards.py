@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import webdataset_samples
+from data_helpers import huge_png, webdataset_samples
 from ddpm_dist.data.convert import tar_bytes
 from ddpm_dist.data.shards import read_images, safe_member_name
 
@@ -196,7 +196,7 @@ def test_a_killed_encoding_worker_is_an_error_not_a_hang(tmp_path):
 
 
 class CountingSource:
-    """Images that count how often they were loaded, over processes."""
+    """Images that count how often they were opened, over processes."""
 
     def __init__(self, n: int):
         import multiprocessing
@@ -205,7 +205,7 @@ class CountingSource:
     def ids(self):
         return [str(i) for i in range(self.n)]
 
-    def load(self, sid):
+    def open(self, sid):
         with self.loads.get_lock():
             self.loads.value += 1
         return Image.new("RGB", (8, 8), (int(sid) % 256, 0, 0))
@@ -214,7 +214,7 @@ class CountingSource:
 def test_encoding_reads_ahead_a_bounded_number_of_samples():
     from ddpm_dist.data import convert
     source = CountingSource(4000)
-    convert._JOB.update(source=source, options={"resolution": 8, "fmt": "png", "quality": 95})
+    convert._JOB.update(source=source, resolution=8, options={"resolution": 8, "fmt": "png", "quality": 95})
     stream = convert._encoded([(i, str(i)) for i in range(4000)], workers=2)
     next(stream)
     time.sleep(3)  # an unbounded pool encodes all 4000 in far less
@@ -305,3 +305,23 @@ def test_rerun_after_an_image_changed_size_rewrites_from_scratch(tmp_path):
     Image.new("RGB", (16, 16), "white").save(tmp_path / "imgs" / "a" / "img0.png")
     r = make_shards(*args)
     assert r.returncode == 0 and "keeping" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("resolution", [["--resolution", "8"], []], ids=["resized", "native size"])
+def test_an_input_image_far_larger_than_the_shards_is_skipped_counted_and_bounded(tmp_path, resolution):
+    """A 285 KB PNG claiming 9500² pixels (a decompression bomb) is not decoded: skipped with a
+    warning naming it and its size, counted in index.json, and bounded by --max-skip-fraction."""
+    unique_image_folder(tmp_path / "imgs", 39)
+    (tmp_path / "imgs" / "z" / "bomb.png").parent.mkdir()
+    (tmp_path / "imgs" / "z" / "bomb.png").write_bytes(huge_png(9500))
+    args = ["--source", "folder", "--input", str(tmp_path / "imgs"), "--workers", "1", *resolution]
+    r = make_shards(*args, "--out", str(tmp_path / "out"), "--max-skip-fraction", "0.05")
+    assert r.returncode == 0, r.stderr[-2000:]
+    warned = [line for line in r.stderr.splitlines() if "z/bomb.png" in line]
+    assert warned == ["WARNING skipping record z/bomb.png: a 9500x9500 image, over the 1024-pixel side "
+                      "decoded for resolution 8"], r.stderr[-2000:]
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["total"] == 39 and index["skipped"] == 1 and index["resolution"] == 8
+    r = make_shards(*args, "--out", str(tmp_path / "strict"))  # the default 0.01: 1 of 40 is too many
+    err = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and err.startswith("error: 1 undecodable records of 40") and "z/bomb.png" in err, err

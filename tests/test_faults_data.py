@@ -18,7 +18,7 @@ from ddpm_dist.data import webdataset_urls
 from ddpm_dist.data.fs import DataConfigError, DataError, DataReadError
 from ddpm_dist.data.convert import tar_bytes
 from ddpm_dist.data.shards import read_images, sha256
-from data_helpers import keys, model_inputs, stream_for, write_noise_shards
+from data_helpers import huge_png, keys, model_inputs, stream_for, write_noise_shards
 
 
 def _png(value: int) -> bytes:
@@ -154,16 +154,9 @@ def test_shard_names_escaping_the_folder_are_refused_at_start_up(tmp_path, name)
         assert repr(name) in str(info.value) and "\n" not in str(info.value)
 
 
-def _huge_png(side: int) -> bytes:
-    """A few hundred KB of PNG whose header says side² pixels (one colour compresses well)."""
-    buf = io.BytesIO()
-    Image.new("L", (side, side)).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
 def test_an_image_far_larger_than_the_resolution_is_skipped_before_decoding(tmp_path, caplog):
     from ddpm_dist.data.stream import decode
-    huge = _huge_png(9500)
+    huge = huge_png(9500)
     started = time.perf_counter()
     with pytest.raises(ValueError, match="9500x9500"):
         decode(huge, 8)

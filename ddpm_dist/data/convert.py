@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddpm_dist.data import fs
-from ddpm_dist.data.shards import centre_crop_resize, sha256
+from ddpm_dist.data.shards import OversizedImage, centre_crop_resize, check_side, sha256
 from ddpm_dist.data.sources import open_source
 
 log = logging.getLogger(__name__)
@@ -82,32 +82,44 @@ def shard_members(group: list[tuple[str, str, bytes]], fmt: str) -> Iterator[tup
         yield f"{key}.id", sid.encode()
 
 
-def _encode_one(item: tuple[int, str]) -> tuple[str, str, bytes | None]:
-    """(key, id, encoded image); None for the image of a record that does not decode."""
+def load_bounded(source, sid: str, resolution: int) -> Image.Image:
+    """Record `sid` as RGB. One whose header claims a side over `max_side(resolution)` (a small
+    file can claim a huge image) raises OversizedImage before its pixels are decoded, as the
+    training loader refuses such a sample in a shard."""
+    with source.open(sid) as img:
+        check_side(img, resolution)
+        return img.convert("RGB")
+
+
+def _encode_one(item: tuple[int, str]) -> tuple[str, str, bytes | str]:
+    """(key, id, the encoded image, or why the record is skipped)."""
     pos, sid = item
     try:
-        img = _JOB["source"].load(sid)
+        img = load_bounded(_JOB["source"], sid, _JOB["resolution"])
     except (FileNotFoundError, PermissionError):
         raise  # the input is unreadable, not one record: an error
+    except OversizedImage as e:
+        return f"{pos:09d}", sid, str(e)
     except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError):
-        return f"{pos:09d}", sid, None  # PIL's errors for bytes that are not a (whole) image
+        return f"{pos:09d}", sid, "not a decodable image"  # PIL's errors for bytes that are not a (whole) image
     return f"{pos:09d}", sid, encode(img, **_JOB["options"])
 
 
 class _SkipCounter:
-    """Drops undecodable records, naming each; stops once they exceed `max_fraction` of `total`."""
+    """Drops undecodable or oversized records, naming each; stops once they exceed `max_fraction`
+    of `total`."""
 
     def __init__(self, total: int, max_fraction: float):
         self.total, self.max_fraction, self.skipped, self.first = total, max_fraction, 0, []
 
-    def filter(self, samples: Iterator[tuple[str, str, bytes | None]]) -> Iterator[tuple[str, str, bytes]]:
+    def filter(self, samples: Iterator[tuple[str, str, bytes | str]]) -> Iterator[tuple[str, str, bytes]]:
         for key, sid, data in samples:
-            if data is not None:
+            if isinstance(data, bytes):
                 yield key, sid, data
                 continue
             self.skipped += 1
             self.first = (self.first + [sid])[:3]
-            log.warning("skipping record %s: not a decodable image", sid)
+            log.warning("skipping record %s: %s", sid, data)
             if self.skipped > self.max_fraction * self.total:
                 raise fs.DataError(f"{self.skipped} undecodable records of {self.total} (more than "
                                    f"--max-skip-fraction {self.max_fraction}), first: {', '.join(self.first)}; "
@@ -193,8 +205,8 @@ def make_shards(source, out: str, *, params: dict, max_samples: int = 1000,
     start = sum(s["samples"] + s.get("skipped", 0) for s in shards)
     if shards:
         log.info("keeping %d verified shards (%d samples)", len(shards), start)
-    _JOB.update(source=source, options={"resolution": params["resolution"],
-                                        "fmt": params["format"], "quality": params["quality"]})
+    _JOB.update(source=source, resolution=params["resolution"],
+                options={"resolution": params["resolution"], "fmt": params["format"], "quality": params["quality"]})
     items = [(pos, ids[i]) for pos, i in enumerate(order)][start:]
     bar = tqdm(total=len(ids), initial=start, unit="img", disable=not progress)
     bad, counted = _SkipCounter(len(ids), max_skip_fraction), 0
@@ -232,7 +244,8 @@ def _native_resolution(source) -> int:
     ids = source.ids()
     if not ids:
         raise ValueError("the source holds no images")
-    w, h = source.load(ids[0]).size
+    with source.open(ids[0]) as img:  # the header only
+        w, h = img.size
     if w != h:
         raise ValueError("images are not square; pass --resolution")
     return w

@@ -92,15 +92,24 @@ def max_side(resolution: int) -> int:
     return max(8 * resolution, 1024)
 
 
+class OversizedImage(ValueError):
+    """An image whose header claims a side over `max_side`: refused before it is decoded."""
+
+
+def check_side(img: Image.Image, resolution: int) -> None:
+    """Raise OversizedImage for an opened, not yet decoded image over `max_side(resolution)`."""
+    if max(img.size) > max_side(resolution):
+        raise OversizedImage(f"a {img.size[0]}x{img.size[1]} image, over the {max_side(resolution)}-pixel side "
+                             f"decoded for resolution {resolution}")
+
+
 def decode(data: bytes, resolution: int, channels: int = 3) -> np.ndarray:
     """Image bytes → uint8 [R, R, channels]; other sizes are centre-cropped and resized.
     channels=1 converts to grey with PIL's "L" (ITU-R 601-2 luma). An image whose header
-    claims a side over `max_side` raises ValueError before any pixel is decoded."""
+    claims a side over `max_side` raises OversizedImage before any pixel is decoded."""
     mode = PIL_MODES[channels]
     with Image.open(io.BytesIO(data)) as img:  # reads the header only
-        if max(img.size) > max_side(resolution):
-            raise ValueError(f"a {img.size[0]}x{img.size[1]} image, over the {max_side(resolution)}-pixel side "
-                             f"decoded for resolution {resolution}")
+        check_side(img, resolution)
         if img.mode != mode:
             img = img.convert(mode)
         if img.size != (resolution, resolution):

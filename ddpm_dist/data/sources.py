@@ -1,8 +1,9 @@
 """Image sources that tools/make_shards.py converts: an image folder, the CIFAR-10 python
 batches, LSUN's lmdb databases, the embedded digits.
 
-A source lists its sample ids up front (so they can be shuffled with a seed), loads one image
-by id, and names its content with a `fingerprint` (ids and sizes): make_shards resumes only
+A source lists its sample ids up front (so they can be shuffled with a seed), opens one image
+by id (`open`: lazily, the header read and the pixels not yet decoded, so that data/convert.py
+can refuse an image too large to decode first), and names its content with a `fingerprint` (ids and sizes): make_shards resumes only
 over shards written from the same content, whatever the input folder is called. Loading
 happens in worker processes; lmdb handles are opened lazily per process because an lmdb
 environment must not cross a fork.
@@ -41,9 +42,8 @@ class FolderSource:
                                  f"copy the file into the folder instead")
         return sorted(str(p.relative_to(self.root)) for p in paths)
 
-    def load(self, sid: str) -> Image.Image:
-        with Image.open(self.root / sid) as img:
-            return img.convert("RGB")
+    def open(self, sid: str) -> Image.Image:
+        return Image.open(self.root / sid)
 
     def fingerprint(self) -> str:
         return fingerprint((sid, (self.root / sid).stat().st_size) for sid in self.ids())
@@ -83,7 +83,7 @@ class Cifar10Source:
     def ids(self) -> list[str]:
         return [str(i) for i in range(len(self.data))]
 
-    def load(self, sid: str) -> Image.Image:
+    def open(self, sid: str) -> Image.Image:
         return Image.fromarray(self.data[int(sid)].reshape(3, 32, 32).transpose(1, 2, 0))
 
     def fingerprint(self) -> str:
@@ -127,11 +127,10 @@ class LsunSource:
         return fingerprint([("data.mdb", os.path.getsize(os.path.join(self.root, "data.mdb"))),
                             *((sid, "") for sid in self.ids())])
 
-    def load(self, sid: str) -> Image.Image:
+    def open(self, sid: str) -> Image.Image:
         with self._open().begin() as txn:
             data = txn.get(sid.encode())
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+        return Image.open(io.BytesIO(data))
 
 
 class DigitsSource:
@@ -145,7 +144,7 @@ class DigitsSource:
     def ids(self) -> list[str]:
         return [str(i) for i in range(len(self.images))]
 
-    def load(self, sid: str) -> Image.Image:
+    def open(self, sid: str) -> Image.Image:
         return Image.fromarray(self.images[int(sid)])
 
     def fingerprint(self) -> str:
