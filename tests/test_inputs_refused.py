@@ -103,3 +103,11 @@ def test_an_evaluation_output_path_with_a_newline_is_refused_before_anything_is_
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "control character" in proc.stderr, proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tool", ["tools/export.py", "tools/fid_stats.py"])
+def test_an_output_file_name_with_a_newline_is_refused_before_anything_is_read(tool, tmp_path):
+    proc = subprocess.run([sys.executable, tool, str(tmp_path / "missing"), "--out", str(tmp_path / "out\nx")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--out: holds the control character '\\n'" in one_line(proc.stderr), proc.stderr
+    assert list(tmp_path.iterdir()) == []

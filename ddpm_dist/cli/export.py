@@ -8,6 +8,7 @@ import sys
 
 from ddpm_dist.config import ConfigError
 from ddpm_dist.modelio.source import export_checkpoint
+from ddpm_dist.utils.urls import control_character_error
 
 
 def main(argv=None) -> int:
@@ -16,6 +17,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="model file: .safetensors or .pt (weights only)")
     args = parser.parse_args(argv)
     try:
+        if error := control_character_error(args.out, "--out"):  # a file name: no newline, no escape
+            raise ValueError(error)
         export_checkpoint(args.source, args.out)
     except (ConfigError, ValueError) as e:  # ModelSourceError is a ValueError
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from ddpm_dist.metrics.evaluate import add_inception_arguments, inception_statis
 from ddpm_dist.metrics.image_sources import open_images
 from ddpm_dist.metrics.inception import PIPELINE, load_inception
 from ddpm_dist.metrics.stats import save_stats
+from ddpm_dist.utils.urls import control_character_error
 
 
 def main(argv=None) -> None:
@@ -23,6 +24,8 @@ def main(argv=None) -> None:
     add_inception_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        if error := control_character_error(args.out, "--out"):  # a file name: no newline, no escape
+            raise ValueError(error)
         images = open_images(args.src)
         model = load_inception(args.inception_weights, args.device)
         stats, _ = inception_statistics(model, images, batch_size=args.batch_size,
