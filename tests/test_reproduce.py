@@ -148,3 +148,19 @@ def test_requires_python_admits_only_pythons_with_tarfile_filters():
     spec = SpecifierSet(line.group(1))
     assert [v for v in ("3.10.11", "3.11.0", "3.11.3") if v in spec] == []
     assert all(v in spec for v in ("3.10.12", "3.11.4", "3.12.0", "3.13.1"))
+
+
+def test_a_stage_job_reads_the_settings_resolved_at_submission_not_the_edited_yaml(tmp_path):
+    """prepare and report run this command again in their own jobs, maybe hours later: they
+    read the settings the chain resolved when it submitted them, as the training job does."""
+    from ddpm_dist.cli.reproduce import build_plan, parse_args, stage_job
+    config = tmp_path / "demo_digits.yaml"
+    config.write_text((REPO / "configs" / "demo_digits.yaml").read_text())
+    argv = [str(config), *TINY, f"out_dir={tmp_path / 'run'}", "--dataset", "folder", "--raw", str(tmp_path)]
+    plan = build_plan(parse_args(argv))
+    jobs = {stage: stage_job(plan, stage, argv) for stage in ("prepare", "report")}
+    config.write_text(config.read_text().replace("lr: 1.0e-3", "lr: 0.5").replace("flip: false", "flip: true"))
+    assert build_plan(parse_args(argv)).cfg.optim.lr == 0.5  # what a job reading the YAML file would get
+    for stage, (module, args) in jobs.items():
+        assert module == "ddpm_dist.cli.reproduce" and args[args.index("--stage") + 1] == stage
+        assert build_plan(parse_args(args)) == plan

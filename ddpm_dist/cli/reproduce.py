@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
+import secrets
 import sys
+import time
 from pathlib import Path
 
-from ddpm_dist.config import ConfigError, load_config
+from ddpm_dist.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 from ddpm_dist.launch.ranks import submit_command
 from ddpm_dist.launch.slurm import JobResources
 from ddpm_dist.reproduce.datasets import dataset_for
 from ddpm_dist.reproduce.plan import Plan, Resources
+from ddpm_dist.utils.files import atomic_write
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-world-size", type=int, default=8, help="ranks for sampling and bits/dim")
     p.add_argument("--eval-time", type=int, default=12 * 60, help="evaluation time limit, minutes")
     p.add_argument("--stage", choices=("prepare", "report"), help=argparse.SUPPRESS)  # inside a chain job
+    p.add_argument("--settings", help=argparse.SUPPRESS)  # a chain job's: resolved when it was submitted
     args = p.parse_args(argv)
     for flag in ("num_samples", "seeds", "eval_world_size", "nodes", "cpus_per_task"):
         if getattr(args, flag) < 1:
@@ -68,11 +73,14 @@ def build_plan(args) -> Plan:
         raise ValueError(f"--raw-test is for image-folder datasets; {name} has its own test set or none")
     if dataset.source in ("lsun", "folder") and not args.raw:
         raise ValueError(f"{name}: pass --raw, the {dataset.raw}")
-    overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)
-    if cfg.data.source == "digits":  # the demo reads the digits from memory; the chain from shards
-        overrides.append(f"data.source={Path(args.raw_dir).parent / 'shards' / name}")
+    if args.settings:
+        overrides, cfg = read_settings(args.settings)
+    else:
+        overrides = list(args.overrides)
         cfg = load_config(args.config, overrides)
+        if cfg.data.source == "digits":  # the demo reads the digits from memory; the chain from shards
+            overrides.append(f"data.source={Path(args.raw_dir).parent / 'shards' / name}")
+            cfg = load_config(args.config, overrides)
     from ddpm_dist.metrics.inception import default_weights_path
     weights = Path(args.inception_weights) if args.inception_weights else default_weights_path()
     resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -83,6 +91,38 @@ def build_plan(args) -> Plan:
                 raw_test=args.raw_test, raw_dir=Path(args.raw_dir), inception_weights=weights, num_samples=args.num_samples,
                 seeds=args.seeds, sample_steps=args.sample_steps, sampler=args.sampler,
                 nll_images=args.nll_images, resources=resources)
+
+
+def write_settings(plan: Plan, stage: str) -> Path:
+    """The plan's resolved settings, in a file of one submitted stage's own (RUN/slurm/): its job
+    reads them instead of the YAML file, which may be edited while the job waits in the queue."""
+    path = plan.slurm_folder / f"{stage}-settings-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"overrides": list(plan.overrides), "settings": config_to_dict(plan.cfg)}))
+    return path
+
+
+def read_settings(path: str) -> tuple[list[str], Config]:
+    """(overrides, config) of `write_settings`' file, validated as any config is."""
+    try:
+        data = json.loads(Path(path).read_text())
+        overrides, settings = data["overrides"], data["settings"]
+        if not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+            raise TypeError("overrides are not a list of strings")
+        return overrides, config_from_dict(settings)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path}: not a chain stage's settings ({type(e).__name__}: {e})") from None
+
+
+def stage_job(plan: Plan, stage: str, argv: list[str]) -> tuple[str, list[str]]:
+    """`stage_command`, and for this command's own stages (prepare, report) the settings
+    resolved now, written for the job to read."""
+    module, args = stage_command(plan, stage, argv)
+    if stage in ("prepare", "report"):
+        args = [*args, "--settings", str(write_settings(plan, stage))]
+    return module, args
 
 
 def stage_command(plan: Plan, stage: str, argv: list[str]) -> tuple[str, list[str]]:
@@ -106,7 +146,7 @@ def stage_command(plan: Plan, stage: str, argv: list[str]) -> tuple[str, list[st
 
 def submit_stage(argv: list[str], plan: Plan, stage: str, res: JobResources, after: list[str]) -> str:
     """A chain stage's job: its tool on `res`, after the jobs `after` (the chain's `SubmitStage`)."""
-    module, args = stage_command(plan, stage, argv)
+    module, args = stage_job(plan, stage, argv)
     return submit_command(module, args, plan.slurm_folder, res, after=after).job_id
 
 

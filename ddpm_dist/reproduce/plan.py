@@ -8,7 +8,8 @@
     RUN/eval/fid<N>/result.json           fid: FID / IS of N samples per seed set
     RUN/eval/nll.json                     nll: bits/dim on the test split
     RUN/report.md, RUN/report.json        report
-    RUN/slurm/                            every stage's Slurm logs
+    RUN/slurm/                            every stage's Slurm logs; the settings the prepare and
+                                          report jobs read (resolved at submission)
 """
 from __future__ import annotations
 
