@@ -31,6 +31,11 @@
 set -uo pipefail
 
 cd "${DDPM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || exit 2
+# checked here, before srun, so a typo fails in a second with one line in the job log
+if [ ! -f ddpm_dist/train.py ]; then
+  echo "error: $PWD is not the ddpm-dist checkout (run sbatch from the checkout or set DDPM_REPO)" >&2
+  exit 2
+fi
 if [ -n "${DDPM_CONFIG_SNAPSHOT:-}" ] && [ -z "${DDPM_RESOLVE_ONLY:-}" ]; then
   # resolved when the job was submitted (launch/sbatch.py): trained with as it is
   snapshot=$DDPM_CONFIG_SNAPSHOT
@@ -42,8 +47,7 @@ if [ -n "${DDPM_CONFIG_SNAPSHOT:-}" ] && [ -z "${DDPM_RESOLVE_ONLY:-}" ]; then
   described="$snapshot (resolved at submission)"
 else
   config=${DDPM_CONFIG:-$DEFAULT_CONFIG}
-  if [ ! -f "$config" ] || [ ! -f ddpm_dist/train.py ]; then
-    # checked here, before srun, so a typo fails in a second with one line in the job log
+  if [ ! -f "$config" ]; then
     echo "error: config '$config' not found from $PWD (run sbatch from the checkout or set DDPM_REPO)" >&2
     exit 2
   fi

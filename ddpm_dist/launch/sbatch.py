@@ -36,9 +36,11 @@ def resolve(script: str, overrides: list[str]) -> str:
     name = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     env = dict(os.environ, DDPM_RESOLVE_ONLY=name, SLURM_SUBMIT_DIR=os.getcwd())  # as sbatch will set it
     env.pop("DDPM_CONFIG_SNAPSHOT", None)
+    env.setdefault("DDPM_PYTHON", sys.executable)  # the interpreter running this, e.g. the venv's
     proc = subprocess.run(["bash", script, *overrides], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 or not proc.stdout.strip():
-        raise ValueError(proc.stderr.strip().removeprefix("error: ") or f"{script} resolved nothing")
+        why = (proc.stderr.strip().splitlines() or [f"{script} resolved nothing"])[-1]  # the script's error line
+        raise ValueError(why.removeprefix("error: "))
     return proc.stdout.strip().splitlines()[-1]
 
 
