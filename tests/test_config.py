@@ -175,6 +175,7 @@ ACCEPTED = {
     ("optim.warmup_steps", "0"): "no warm-up",
     ("train.ema_decay", "0"): "the EMA weights are the weights",
     ("train.zero_stage", "0"): "DeepSpeed without ZeRO partitioning",
+    ("train.fsdp_shard_size", "0"): "FSDP2 shards over all ranks (no hybrid sharding)",
     ("train.num_samples", "0"): "no sample grids",
     ("train.sample_steps", "0"): "sample grids use every diffusion step",
     ("train.ckpt_every_minutes", "0"): "no timed checkpoints",
@@ -205,7 +206,8 @@ def _numeric_settings():
 def test_the_walk_finds_the_numeric_settings():
     keys = {key for key, _ in _numeric_settings()}
     assert {"optim.lr", "optim.grad_clip", "train.hang_timeout", "seed", "model.ch_mult",
-            "train.micro_batch_size", "data.max_skip_fraction"} <= keys and len(keys) > 30
+            "train.micro_batch_size", "data.max_skip_fraction", "optim.reference_batch",
+            "train.fsdp_shard_size"} <= keys and len(keys) > 30
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "-1", "0"])

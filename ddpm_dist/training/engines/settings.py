@@ -13,6 +13,7 @@ class EngineSettings:
     ema_decay: float
     optim: OptimConfig              # Adam's lr/betas/eps and grad_clip (a copy: the engine's own)
     zero_stage: int                 # engine=deepspeed only
+    fsdp_shard_size: int | None     # engine=fsdp only: ranks per shard group (`fsdp_mesh_shape`)
     activation_checkpointing: bool  # the block options `build_engine` applies before wrapping
     compile: str                    # "auto" | "true" | "false"
     compile_mode: str
@@ -21,5 +22,6 @@ class EngineSettings:
     def of(cls, cfg: Config) -> EngineSettings:
         t = cfg.train
         return cls(precision=t.precision, ema_decay=t.ema_decay, optim=replace(cfg.optim),
-                   zero_stage=t.zero_stage, activation_checkpointing=t.activation_checkpointing,
+                   zero_stage=t.zero_stage,
+                   fsdp_shard_size=t.fsdp_shard_size, activation_checkpointing=t.activation_checkpointing,
                    compile=t.compile, compile_mode=t.compile_mode)

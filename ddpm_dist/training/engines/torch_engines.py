@@ -16,6 +16,7 @@ from ddpm_dist.config import OptimConfig
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.runtime import DTYPES, autocast_context
 from ddpm_dist.training.ema import EMA, local_views
+from ddpm_dist.utils.logs import log
 
 from .base import DynamicLossScaler, Engine, StepResult
 from .dcp_files import SafeFileSystemReader, SafeLoadPlanner, durable_writer
@@ -137,7 +138,7 @@ class FSDPEngine(TorchEngine):
     def _wrap(self, module: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(self.device.type, (self.info.world_size,))
+        mesh = self._mesh(init_device_mesh)
         dtype = DTYPES[self.settings.precision]
         mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None,
                                   reduce_dtype=torch.float32)
@@ -147,6 +148,17 @@ class FSDPEngine(TorchEngine):
             fully_shard(unit, mesh=mesh, mp_policy=mp)
         fully_shard(module, mesh=mesh, mp_policy=mp)
         return module
+
+    def _mesh(self, init_device_mesh):
+        """One flat mesh, or 2-D (replicate, shard) for hybrid sharding: fully_shard then
+        all-gathers and reduce-scatters within a shard group and all-reduces the gradient
+        shards across the groups."""
+        from . import fsdp_mesh_shape
+        replicas, shard = fsdp_mesh_shape(self.settings.fsdp_shard_size, self.info.world_size)
+        if replicas == 1:
+            return init_device_mesh(self.device.type, (shard,))
+        log.info(f"fsdp: hybrid sharding, {replicas} replicas x {shard}-rank shard groups")
+        return init_device_mesh(self.device.type, (replicas, shard), mesh_dim_names=("replicate", "shard"))
 
     def autocast(self):
         return contextlib.nullcontext()  # MixedPrecisionPolicy casts weights and inputs
