@@ -117,7 +117,7 @@ def test_a_micro_batch_that_does_not_fit_the_world_size_is_a_config_error():
     from ddpm_dist.training.engines import batch_split
     cfg = load_config("configs/cifar10.yaml", ["train.batch_size=4", "train.micro_batch_size=4"])
     assert batch_split(cfg, 1) == (4, 1)
-    with pytest.raises(ConfigError, match="^train.batch_size=4 is not a multiple of"):
+    with pytest.raises(ConfigError, match=r"^train.micro_batch_size 4 does not divide the 2 images per rank "):
         batch_split(cfg, 2)
 
 
