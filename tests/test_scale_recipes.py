@@ -68,6 +68,38 @@ def test_the_saved_config_shows_the_values_the_run_uses_and_reloads_identically(
     assert not (tmp_path / "paper.yaml").read_text().startswith("#"), "nothing scaled: nothing to say"
 
 
+def test_resume_refuses_another_rule_and_accepts_another_shard_size(tmp_path):
+    from ddpm_dist.training.checkpoint import CheckpointError, resume_config_changes
+    scaled = ["train.batch_size=512", "optim.scale_rule=linear", "optim.reference_batch=128"]
+    save_config(load_config("configs/cifar10.yaml", scaled), tmp_path / "config.yaml")
+    with pytest.raises(CheckpointError, match=r"other settings: optim.scale_rule \(linear → sqrt\); resume"):
+        resume_config_changes(tmp_path, load_config("configs/cifar10.yaml", [*scaled, "optim.scale_rule=sqrt"]))
+    assert resume_config_changes(tmp_path, load_config("configs/cifar10.yaml", [*scaled, "engine=fsdp",
+                                                                                "train.fsdp_shard_size=0"])) == {}
+
+
+def test_a_checkpoint_from_before_the_rule_resumes_with_the_paper_config(tmp_path):
+    from ddpm_dist.training.checkpoint import resume_config_changes
+    from ddpm_dist.config import config_to_dict
+    import yaml
+    older = config_to_dict(load_config("configs/cifar10.yaml"))
+    for section, key in (("optim", "scale_rule"), ("optim", "reference_batch"), ("train", "fsdp_shard_size")):
+        del older[section][key]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    assert resume_config_changes(tmp_path, load_config("configs/cifar10.yaml")) == {}
+
+
+def test_a_scaled_batch_that_still_cannot_be_split_says_so():
+    from ddpm_dist.training.engines import batch_split
+    cfg = load_config("configs/cifar10.yaml", ["train.batch_size=640", "optim.scale_rule=sqrt",
+                                               "optim.reference_batch=128"])
+    with pytest.raises(ConfigError) as info:
+        batch_split(cfg, W)
+    assert str(info.value) == ("train.batch_size 640 cannot be split over 512 ranks: set train.batch_size to a "
+                               "multiple of 512 (e.g. 1024); optim.scale_rule=sqrt scales optim.lr and "
+                               "optim.warmup_steps to it from optim.reference_batch 128")
+
+
 SPLIT_LINE = ("error: train.batch_size 128 cannot be split over 512 ranks: set train.batch_size to a "
               "multiple of 512 (e.g. 512) with optim.scale_rule=linear (or sqrt) and "
               "optim.reference_batch=128 to scale optim.lr and optim.warmup_steps")
@@ -155,8 +187,12 @@ def _hybrid_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _record(engine, results) -> dict:
+    """Full weights and EMA, the grad norms, the mesh, and an EMA forward (as sample grids run it)."""
     mesh = engine.ema.state_dict()["conv_in.weight"].device_mesh
-    return {"model": full_model_state(engine), "ema": engine.full_ema_state_dict(),
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([5, 500])
+    with torch.no_grad(), engine.ema_weights():
+        ema_out = engine.model(x, t)
+    return {"model": full_model_state(engine), "ema": engine.full_ema_state_dict(), "ema_out": ema_out,
             "grad_norms": [float(r.grad_norm) for r in results], "mesh": tuple(mesh.shape)}
 
 
@@ -182,9 +218,11 @@ def test_hybrid_sharding_trains_and_resumes_like_plain_fsdp(tmp_path):
     # EMA after 3 steps); within test_engines' tolerance for reduction-order noise.
     assert_same(hybrid["model"], flat["model"], "hybrid model")
     assert_same(hybrid["ema"], flat["ema"], "hybrid ema")
+    torch.testing.assert_close(hybrid["ema_out"], flat["ema_out"], rtol=1e-4, atol=1e-5)
     for name, other in (("hybrid", "flat"), ("flat", "hybrid")):
         loaded = got[f"{name} from {other}"]
         assert_same(loaded["model"], got[other]["model"], f"{name} loading {other}", exact=True)
         assert_same(loaded["ema"], got[other]["ema"], f"{name} loading {other} ema", exact=True)
+        torch.testing.assert_close(loaded["ema_out"], got[other]["ema_out"], rtol=1e-5, atol=1e-6)
         # the Adam moments came back: the next step is the one the writer took
         assert_same(got[f"{name} from {other}+1"]["model"], got[other + "+1"]["model"], f"{name} step after resume")
