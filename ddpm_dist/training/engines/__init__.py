@@ -8,12 +8,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ddpm_dist.config import Config, ConfigError
-from ddpm_dist.distributed import DistInfo, local_world_size
+from ddpm_dist.distributed import DistInfo
 from ddpm_dist.engine_registry import ENGINES
 from ddpm_dist.runtime import compile_enabled, enable_cudnn_benchmark, memory_format
 
 from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format
-from .settings import EngineSettings
+from .settings import EngineSettings, fsdp_mesh_shape
 
 __all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "engine_class", "batch_split",
            "fsdp_mesh_shape", "checkpoint_format", "EngineSettings"]
@@ -46,21 +46,6 @@ def _unsplittable(cfg: Config, world_size: int) -> str:
                 f"optim.reference_batch {o.reference_batch}")
     return (f"{start} with optim.scale_rule=linear (or sqrt) and optim.reference_batch={total} to scale "
             f"optim.lr and optim.warmup_steps")
-
-
-def fsdp_mesh_shape(shard_size: int | None, world_size: int, env: dict | None = None) -> tuple[int, int]:
-    """(replica groups, ranks per shard group) of engine=fsdp for train.fsdp_shard_size: None
-    shards within a node (its size from the launcher's `env`; unknown or uneven nodes: one flat
-    mesh), 0 over all ranks."""
-    if shard_size is None:
-        node = local_world_size(env)
-        shard_size = node if node and world_size % node == 0 else 0
-    if shard_size == 0:
-        return 1, world_size
-    if world_size % shard_size:
-        raise ConfigError(f"train.fsdp_shard_size {shard_size} does not divide the {world_size} ranks: set it "
-                          f"to a divisor of {world_size} (e.g. the ranks of one node), or 0 to shard over all ranks")
-    return world_size // shard_size, shard_size
 
 
 def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info: DistInfo) -> Engine:
