@@ -72,6 +72,21 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 5000
     grad_clip: float = 1.0
+    # A global batch other than the one lr and warmup_steps were set for: "linear" multiplies
+    # lr by train.batch_size / reference_batch, "sqrt" by its square root; either keeps the
+    # warm-up at the same number of images (warmup_steps x reference_batch / batch_size).
+    # "none" trains with lr and warmup_steps as they are (the paper's configs).
+    scale_rule: str = "none"
+    reference_batch: int | None = None  # needed by linear and sqrt
+
+    def effective(self, batch_size: int) -> tuple[float, int]:
+        """(lr, warm-up steps) the run trains with at global batch `batch_size`."""
+        if self.scale_rule == "none":
+            return self.lr, self.warmup_steps
+        ratio = batch_size / self.reference_batch
+        lr = self.lr * (ratio if self.scale_rule == "linear" else math.sqrt(ratio))
+        warmup = max(1, round(self.warmup_steps / ratio)) if self.warmup_steps else 0
+        return lr, warmup
 
 
 @dataclass
@@ -89,6 +104,10 @@ class TrainConfig:
     # CUDA graphs (the step reads nothing back from the GPU between log points, so it can).
     compile_mode: str = "default"
     zero_stage: int = 2  # engine=deepspeed only: ZeRO stage 0-3
+    # engine=fsdp only: the ranks each shard group spans; the groups replicate each other
+    # (hybrid sharding: all-gathers stay within a node, one gradient all-reduce crosses nodes).
+    # None: the ranks of one node (LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE); 0: all ranks.
+    fsdp_shard_size: int | None = None
     log_every: int = 100
     sample_every: int = 10_000
     num_samples: int = 64
@@ -143,8 +162,8 @@ RESUME_MAY_CHANGE = (
     "out_dir", "device", "engine", "train.total_steps", "train.log_every", "train.sample_every",
     "train.num_samples", "train.ckpt_every", "train.keep_last", "train.collective_timeout", "train.hang_timeout",
     "train.compile", "train.compile_mode", "train.activation_checkpointing", "train.micro_batch_size",
-    "train.zero_stage", "train.allow_config_change", "data.num_workers", "data.retries", "data.retry_wait",
-    "data.s3_endpoint", "data.max_skip_fraction",
+    "train.zero_stage", "train.fsdp_shard_size", "train.allow_config_change", "data.num_workers", "data.retries",
+    "data.retry_wait", "data.s3_endpoint", "data.max_skip_fraction",
 )
 
 
@@ -175,6 +194,7 @@ CHOICES = {
     "diffusion.loss_type": ("mse", "kl"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.compile": ("auto", "true", "false"),
+    "optim.scale_rule": ("none", "linear", "sqrt"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "engine": tuple(ENGINES),
     "device": ("auto", "cpu", "cuda"),
@@ -263,8 +283,9 @@ def _check_choices(cfg: Config) -> None:
 # loader processes, data.retries no retry, data.retry_wait retry at once,
 # data.max_skip_fraction no skipped sample tolerated, model.dropout none, optim.beta1/beta2 no
 # averaging, optim.warmup_steps no warm-up, train.ema_decay EMA = weights, train.zero_stage
-# DeepSpeed without partitioning, train.num_samples no sample grids, train.sample_steps all
-# diffusion steps, train.ckpt_every_minutes no timed saves, train.hang_timeout no watchdog.
+# DeepSpeed without partitioning, train.fsdp_shard_size one shard group of all ranks,
+# train.num_samples no sample grids, train.sample_steps all diffusion steps,
+# train.ckpt_every_minutes no timed saves, train.hang_timeout no watchdog.
 _RULES = {
     "positive": lambda v: v > 0,
     "0 or more": lambda v: v >= 0,
@@ -281,12 +302,13 @@ RANGES = {
     "data.num_workers": "0 or more", "data.retries": "0 or more", "data.retry_wait": "0 or more",
     "data.max_skip_fraction": "in [0, 1)",
     "optim.lr": "positive", "optim.beta1": "in [0, 1)", "optim.beta2": "in [0, 1)", "optim.eps": "positive",
-    "optim.warmup_steps": "0 or more",
+    "optim.warmup_steps": "0 or more", "optim.reference_batch": "positive",
     # the global gradient norm is clipped to it: 0 would zero every update, a negative value
     # turns the step around (gradient ascent)
     "optim.grad_clip": "positive",
     "train.batch_size": "positive", "train.micro_batch_size": "positive", "train.total_steps": "positive",
-    "train.ema_decay": "in [0, 1)", "train.zero_stage": "0, 1, 2 or 3", "train.log_every": "positive",
+    "train.ema_decay": "in [0, 1)", "train.zero_stage": "0, 1, 2 or 3",
+    "train.fsdp_shard_size": "0 or more", "train.log_every": "positive",
     "train.sample_every": "positive", "train.num_samples": "0 or more", "train.sample_steps": "0 or more",
     "train.ckpt_every": "positive", "train.ckpt_every_minutes": "0 or more",
     "train.keep_last": "at least 1", "train.collective_timeout": "positive",
@@ -302,7 +324,7 @@ def _numeric_values(cfg: Config):
         section, _, name = key.rpartition(".")
         value = flat[section][name] if section else flat[name]
         for item in value if isinstance(value, list) else [value]:
-            if item is not None:  # train.micro_batch_size: None = derived from the world size
+            if item is not None:  # None: derived (micro-batch, shard size) or unused (reference batch)
                 yield key, item
 
 
@@ -314,7 +336,10 @@ def _check_ranges(cfg: Config) -> None:
         if not _RULES[rule](value):
             extra = " (the number of newest checkpoints kept)" if key == "train.keep_last" else ""
             raise ConfigError(f"{key}: must be {rule}, got {value}{extra}")
-    t = cfg.train
+    o, t = cfg.optim, cfg.train
+    if o.scale_rule != "none" and o.reference_batch is None:
+        raise ConfigError(f"optim.scale_rule={o.scale_rule} needs optim.reference_batch: the global batch optim.lr "
+                          f"and optim.warmup_steps were set for (the paper's: 128 for CIFAR-10, 64 at 256²)")
     if t.sample_steps == 1:  # one respaced step would jump from x_T straight to x_0
         raise ConfigError("train.sample_steps: must be 0 (all steps) or at least 2, got 1")
     if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
@@ -415,5 +440,16 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically (temp name, then rename)."""
-    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config atomically (temp name, then rename); a scaled recipe's first
+    line (a comment) says the learning rate and warm-up the run trains with."""
+    atomic_write(path, scaled_recipe_line(cfg, "# ") + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def scaled_recipe_line(cfg: Config, prefix: str = "") -> str:
+    """One line (with its newline) naming the lr and warm-up that optim.scale_rule gives, or ""."""
+    o, batch = cfg.optim, cfg.train.batch_size
+    if o.scale_rule == "none":
+        return ""
+    lr, warmup = o.effective(batch)
+    return (f"{prefix}this run uses optim.lr {lr:.6g} and optim.warmup_steps {warmup}: optim.scale_rule={o.scale_rule} "
+            f"from optim.reference_batch {o.reference_batch} to train.batch_size {batch}\n")

@@ -100,6 +100,16 @@ def first_host(nodelist: str) -> str:
     return parse_nodelist(nodelist)[0]
 
 
+def local_world_size(env: dict | None = None) -> int | None:
+    """The ranks on this node as the launcher says: torchrun's LOCAL_WORLD_SIZE, else srun's
+    SLURM_NTASKS_PER_NODE when every node has the same ("8" or "8(x64)"); None when unknown."""
+    env = os.environ if env is None else env
+    if env.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return int(env["LOCAL_WORLD_SIZE"])
+    m = re.fullmatch(r"(\d+)(\(x\d+\))?", env.get("SLURM_NTASKS_PER_NODE", ""))
+    return int(m.group(1)) if m else None
+
+
 def _slurm_port(env: dict) -> int:
     """A port per job, so two jobs sharing a node do not collide; MASTER_PORT overrides."""
     if "MASTER_PORT" in env:

@@ -30,7 +30,7 @@ from ddpm_dist.modelio.factory import build_diffusion, build_model
 from ddpm_dist.samplers import TimestepMap, respace
 from ddpm_dist.training.checkpoint import (CheckpointError, CheckpointSaveError, load_checkpoint,
                                            resumable_checkpoint, resume_config_changes, save_checkpoint)
-from ddpm_dist.training.engines import batch_split, build_engine
+from ddpm_dist.training.engines import batch_split, build_engine, fsdp_mesh_shape
 from ddpm_dist.training.peers import Heartbeat
 from ddpm_dist.training.sample_grid import sample_grid
 from ddpm_dist.training.step import draw_micro_batches, step_generator, train_step
@@ -53,8 +53,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def learning_rate(cfg: Config, step: int) -> float:
-    """Linear warm-up over optim.warmup_steps, then constant (the paper's schedule)."""
-    return cfg.optim.lr * min(1.0, (step + 1) / max(1, cfg.optim.warmup_steps))
+    """Linear warm-up, then constant (the paper's schedule), with the lr and warm-up that
+    optim.scale_rule gives at train.batch_size."""
+    lr, warmup = cfg.optim.effective(cfg.train.batch_size)
+    return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
 @dataclass
@@ -105,6 +107,7 @@ class TrainResult:
 def train(cfg: Config) -> TrainResult:
     # Catch stop signals from the start: one arriving while the model is built is acted on at
     # the first step boundary instead of killing the process unsaved.
+    check_world(cfg, distributed.detect_launch().world_size)
     stop = StopRequest()
     stop.install()
     end_with_launcher()  # no rank may outlive a killed torchrun: it would write beside the rerun
@@ -127,6 +130,14 @@ def train(cfg: Config) -> TrainResult:
     finally:
         stop.uninstall()
         distributed.teardown()
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Settings that must fit the world size, checked before the rendezvous: with hundreds of
+    ranks every one stops with the same line instead of some waiting out the rendezvous."""
+    batch_split(cfg, world_size)
+    if cfg.engine == "fsdp":
+        fsdp_mesh_shape(cfg.train.fsdp_shard_size, world_size)
 
 
 RUN_LOCK = "run.lock"
@@ -200,8 +211,10 @@ class Run:
 
     def train(self, stop: StopRequest) -> TrainResult:
         cfg, info, total = self.cfg, self.info, self.cfg.train.total_steps
+        lr, warmup = cfg.optim.effective(cfg.train.batch_size)
         log.info(f"{cfg.engine} on {info.world_size} x {info.device.type}: global batch {cfg.train.batch_size} = "
-                 f"{info.world_size} ranks x {self.accum} micro-batches x {self.micro_batch}; "
+                 f"{info.world_size} ranks x {self.accum} micro-batches x {self.micro_batch}; lr {lr:.6g} after "
+                 f"{warmup} warm-up steps (optim.scale_rule={cfg.optim.scale_rule}); "
                  f"{self.num_parameters / 1e6:.2f}M parameters; steps {self.start} → {total}; output {self.out_dir}")
         batches, loss = iter(self.stream), float("nan")
         progress = _progress(info.is_main, self.start, total)

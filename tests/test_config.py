@@ -117,7 +117,7 @@ def test_a_micro_batch_that_does_not_fit_the_world_size_is_a_config_error():
     from ddpm_dist.training.engines import batch_split
     cfg = load_config("configs/cifar10.yaml", ["train.batch_size=4", "train.micro_batch_size=4"])
     assert batch_split(cfg, 1) == (4, 1)
-    with pytest.raises(ConfigError, match="^train.batch_size=4 is not a multiple of"):
+    with pytest.raises(ConfigError, match=r"^train.micro_batch_size 4 does not divide the 2 images per rank "):
         batch_split(cfg, 2)
 
 
@@ -175,6 +175,7 @@ ACCEPTED = {
     ("optim.warmup_steps", "0"): "no warm-up",
     ("train.ema_decay", "0"): "the EMA weights are the weights",
     ("train.zero_stage", "0"): "DeepSpeed without ZeRO partitioning",
+    ("train.fsdp_shard_size", "0"): "FSDP2 shards over all ranks (no hybrid sharding)",
     ("train.num_samples", "0"): "no sample grids",
     ("train.sample_steps", "0"): "sample grids use every diffusion step",
     ("train.ckpt_every_minutes", "0"): "no timed checkpoints",
@@ -205,7 +206,8 @@ def _numeric_settings():
 def test_the_walk_finds_the_numeric_settings():
     keys = {key for key, _ in _numeric_settings()}
     assert {"optim.lr", "optim.grad_clip", "train.hang_timeout", "seed", "model.ch_mult",
-            "train.micro_batch_size", "data.max_skip_fraction"} <= keys and len(keys) > 30
+            "train.micro_batch_size", "data.max_skip_fraction", "optim.reference_batch",
+            "train.fsdp_shard_size"} <= keys and len(keys) > 30
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "-1", "0"])

@@ -1,6 +1,8 @@
 """Training engines behind one interface (see `base.Engine`): single, ddp, fsdp, deepspeed."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -11,21 +13,39 @@ from ddpm_dist.engine_registry import ENGINES
 from ddpm_dist.runtime import compile_enabled, enable_cudnn_benchmark, memory_format
 
 from .base import DynamicLossScaler, Engine, StepResult, apply_block_options, checkpoint_format
-from .settings import EngineSettings
+from .settings import EngineSettings, fsdp_mesh_shape
 
 __all__ = ["Engine", "StepResult", "DynamicLossScaler", "build_engine", "engine_class", "batch_split",
-           "checkpoint_format", "EngineSettings"]
+           "fsdp_mesh_shape", "checkpoint_format", "EngineSettings"]
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
     """(micro-batch per rank, micro-batches per step) so the global batch holds on any world size;
-    a ConfigError (one line, exit status 2) when the world size does not fit the batch."""
-    total = cfg.train.batch_size
-    micro = cfg.train.micro_batch_size or total // world_size
-    if micro <= 0 or total % (micro * world_size):
-        raise ConfigError(f"train.batch_size={total} is not a multiple of micro_batch_size={micro} "
-                         f"x world_size={world_size}")
-    return micro, total // (micro * world_size)
+    a ConfigError (one line, exit status 2) saying what to set when the world size does not fit."""
+    total, micro = cfg.train.batch_size, cfg.train.micro_batch_size
+    if total % world_size:
+        raise ConfigError(_unsplittable(cfg, world_size))
+    per_rank = total // world_size
+    micro = micro or per_rank
+    if per_rank % micro:
+        fits = max(d for i in range(1, math.isqrt(per_rank) + 1) if per_rank % i == 0
+                   for d in (i, per_rank // i) if d <= micro)
+        images = "image" if per_rank == 1 else "images"
+        raise ConfigError(f"train.micro_batch_size {micro} does not divide the {per_rank} {images} per rank "
+                          f"(train.batch_size {total} over {world_size} ranks): set train.micro_batch_size "
+                          f"to a divisor of {per_rank} (e.g. {fits})")
+    return micro, per_rank // micro
+
+
+def _unsplittable(cfg: Config, world_size: int) -> str:
+    total, o = cfg.train.batch_size, cfg.optim
+    start = (f"train.batch_size {total} cannot be split over {world_size} ranks: set train.batch_size to a "
+             f"multiple of {world_size} (e.g. {-(-total // world_size) * world_size})")
+    if o.scale_rule != "none":
+        return (f"{start}; optim.scale_rule={o.scale_rule} scales optim.lr and optim.warmup_steps to it from "
+                f"optim.reference_batch {o.reference_batch}")
+    return (f"{start} with optim.scale_rule=linear (or sqrt) and optim.reference_batch={total} to scale "
+            f"optim.lr and optim.warmup_steps")
 
 
 def build_engine(cfg: Config, model: nn.Module, device: torch.device, dist_info: DistInfo) -> Engine:

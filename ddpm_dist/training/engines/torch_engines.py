@@ -1,6 +1,7 @@
 """Engines on plain PyTorch: `single` (no wrapper), `ddp` (DistributedDataParallel) and `fsdp`
-(FSDP2 `fully_shard` per U-Net block, then the root). They share Adam, clipping, the fp16 loss
-scaler, the EMA and the DCP-ready state dict; only wrapping and gradient sync differ."""
+(FSDP2 `fully_shard` per U-Net block, then the root; hybrid sharding on a 2-D mesh across
+nodes). They share Adam, clipping, the fp16 loss scaler, the EMA and the DCP-ready state dict;
+only wrapping and gradient sync differ."""
 from __future__ import annotations
 
 import contextlib
@@ -16,10 +17,11 @@ from ddpm_dist.config import OptimConfig
 from ddpm_dist.distributed import DistInfo
 from ddpm_dist.runtime import DTYPES, autocast_context
 from ddpm_dist.training.ema import EMA, local_views
+from ddpm_dist.utils.logs import log
 
 from .base import DynamicLossScaler, Engine, StepResult
 from .dcp_files import SafeFileSystemReader, SafeLoadPlanner, durable_writer
-from .settings import EngineSettings
+from .settings import EngineSettings, fsdp_mesh_shape
 
 
 def make_adam(o: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Adam:
@@ -132,12 +134,12 @@ class DDPEngine(TorchEngine):
 
 
 class FSDPEngine(TorchEngine):
-    """FSDP2: each Block (and the time embedding) its own shard group, then the root."""
+    """FSDP2: each Block (and the time embedding) its own FSDP unit, then the root; sharded over
+    train.fsdp_shard_size ranks, the shard groups replicating each other."""
 
     def _wrap(self, module: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(self.device.type, (self.info.world_size,))
+        mesh = self._mesh()
         dtype = DTYPES[self.settings.precision]
         mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None,
                                   reduce_dtype=torch.float32)
@@ -148,11 +150,23 @@ class FSDPEngine(TorchEngine):
         fully_shard(module, mesh=mesh, mp_policy=mp)
         return module
 
+    def _mesh(self):
+        """One flat mesh, or 2-D (replicate, shard) for hybrid sharding: fully_shard then
+        all-gathers and reduce-scatters within a shard group and all-reduces the gradient
+        shards across the groups."""
+        from torch.distributed.device_mesh import init_device_mesh
+        replicas, shard = fsdp_mesh_shape(self.settings.fsdp_shard_size, self.info.world_size)
+        if replicas == 1:
+            return init_device_mesh(self.device.type, (shard,))
+        log.info(f"fsdp: hybrid sharding, {replicas} replicas x {shard}-rank shard groups")
+        return init_device_mesh(self.device.type, (replicas, shard), mesh_dim_names=("replicate", "shard"))
+
     def autocast(self):
         return contextlib.nullcontext()  # MixedPrecisionPolicy casts weights and inputs
 
     def _set_grad_sync(self, sync: bool) -> None:
-        # Off: gradients accumulate unsharded, unreduced; the last micro-batch reduce-scatters.
+        # Off: gradients accumulate unsharded, unreduced; the last micro-batch reduce-scatters
+        # (and, hybrid, all-reduces the shards across the groups).
         self.model.set_requires_gradient_sync(sync)
 
     @contextlib.contextmanager
