@@ -152,12 +152,13 @@ def test_the_fsdp_mesh_shards_within_a_node_and_replicates_across(setting, env, 
     assert fsdp_mesh_shape(setting, W, env) == shape
 
 
-def test_a_shard_size_that_does_not_divide_the_ranks_is_one_line():
-    from ddpm_dist.training.engines import fsdp_mesh_shape
-    with pytest.raises(ConfigError) as info:
-        fsdp_mesh_shape(3, 8, {})
-    assert str(info.value) == ("train.fsdp_shard_size 3 does not divide the 8 ranks: set it to a divisor "
-                               "of 8 (e.g. the ranks of one node), or 0 to shard over all ranks")
+def test_a_shard_size_that_does_not_divide_the_ranks_is_one_line_before_the_rendezvous(tmp_path):
+    env = {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    proc = _train_cli(tmp_path, env, "engine=fsdp", "train.fsdp_shard_size=3")
+    assert (proc.returncode, proc.stderr.strip()) == (2, "error: train.fsdp_shard_size 3 does not divide the 8 "
+                                                         "ranks: set it to a divisor of 8 (e.g. the ranks of one "
+                                                         "node), or 0 to shard over all ranks")
+    assert not (tmp_path / "run").exists()
 
 
 STEPS = 3
