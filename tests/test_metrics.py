@@ -175,6 +175,17 @@ def test_bad_image_sources_are_clear_errors(tmp_path):
         list(image_batches(open_images(tmp_path), range(2), 2))
 
 
+def test_a_huge_image_in_an_evaluation_folder_is_one_line_naming_it_before_it_is_decoded(tmp_path):
+    from data_helpers import huge_png
+    for name in ("a.png", "c.png"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
+    (tmp_path / "b.png").write_bytes(huge_png(9500))
+    with pytest.raises(ValueError) as info:
+        list(image_batches(open_images(tmp_path), range(3), 3, num_workers=1))  # decoded in a worker
+    assert str(info.value) == (f"{tmp_path / 'b.png'}: a 9500x9500 image; evaluation decodes images of "
+                               f"at most 8192 pixels a side")
+
+
 # ---------------------------------------------------------------- all-reduce across ranks
 
 

@@ -470,3 +470,17 @@ def test_overwrite_removes_only_what_sampling_wrote(tmp_path):
     assert [p for p in ours if p.exists()] == []
     assert all(p.read_bytes() == b"x" for p in theirs)
     assert not (tmp_path / "001000").exists()  # emptied sample folders go
+
+
+def test_a_huge_png_planted_among_the_samples_is_not_decoded(tmp_path):
+    """The check of an existing sample reads its header first: a 9500² PNG (a few hundred KB,
+    270 MB as RGB pixels) at a sample's name is refused without its pixels being decoded."""
+    from data_helpers import huge_png
+    (tmp_path / "000000.png").write_bytes(huge_png(9500))
+    code = ("import resource, sys; from pathlib import Path; from ddpm_dist.evaluation.generate import is_sample; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; ok = is_sample(Path(sys.argv[1]), (8, 8)); "
+            "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "000000.png")], capture_output=True, text=True,
+                          timeout=300)
+    ok, grown_kib = proc.stdout.split()
+    assert ok == "False" and int(grown_kib) < 50 * 1024, proc.stdout + proc.stderr[-2000:]  # decoding: > 300 MB

@@ -143,8 +143,12 @@ def prepare_output(job: SampleJob, compiled: bool) -> None:
 
 
 def is_sample(path: Path, shape: tuple[int, int]) -> bool:
-    """True when `path` decodes completely to an image of (height, width) `shape`."""
+    """True when `path` decodes completely to an image of (height, width) `shape`. The header is
+    read first: a file claiming another size is not decoded (a small PNG can claim 9500² pixels)."""
     try:
+        with Image.open(path) as image:
+            if image.size != (shape[1], shape[0]):
+                return False
         return tuple(load_png(path).shape[1:]) == shape
     except (OSError, ValueError, SyntaxError):  # PIL's errors for empty, truncated, garbled files
         return False

@@ -78,8 +78,12 @@ def submit(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     try:
-        return submit(sys.argv[1:] if argv is None else list(argv))
+        return submit(argv)
     except (ValueError, OSError, subprocess.TimeoutExpired) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

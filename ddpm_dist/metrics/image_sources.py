@@ -11,7 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddpm_dist.data.shards import max_side
 from ddpm_dist.utils.urls import location_error
+
+# The largest image side an evaluation decodes: the loader's bound for the largest resolution
+# anyone evaluates here (1024), far above every config's.
+EVAL_MAX_SIDE = max_side(1024)
 
 # pytorch-fid's extensions.
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
@@ -29,7 +34,10 @@ class FolderImages:
         return len(self.files)
 
     def __getitem__(self, i) -> np.ndarray:
-        with Image.open(self.files[i]) as image:
+        with Image.open(self.files[i]) as image:  # the header only
+            if max(image.size) > EVAL_MAX_SIDE:  # a small file can claim a huge image
+                raise ValueError(f"{self.files[i]}: a {image.size[0]}x{image.size[1]} image; evaluation decodes "
+                                 f"images of at most {EVAL_MAX_SIDE} pixels a side")
             return np.array(image.convert("RGB"))  # a writable copy, as torch wants
 
 
@@ -122,7 +130,11 @@ class _Indexed(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         i = self.indices[k]
-        return i, torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        try:
+            image = self.images[i]
+        except ValueError as e:  # raised again by `_stack`, in the main process: one line, not a worker's trace
+            return i, str(e)
+        return i, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 def _collate(items):
@@ -132,6 +144,9 @@ def _collate(items):
 
 def _stack(images):
     """Stack in the main process, so mixed sizes give a one-line error, not a worker trace."""
+    refused = next((image for image in images if isinstance(image, str)), None)
+    if refused:
+        raise ValueError(refused)
     if len({image.shape for image in images}) > 1:
         raise ValueError(f"images differ in size ({sorted({tuple(i.shape) for i in images})}); "
                          "FID needs one size: resize them first")
