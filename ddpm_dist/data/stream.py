@@ -12,6 +12,13 @@ shards), so a position is just two integers per stream:
 - Each stream yields the same number of batches per epoch, total // (streams * B); a stream
   that runs out of its own shards resamples them with (seed, e, s, position). Hence every rank
   yields the same number of batches and no rank waits at an epoch end.
+- Fewer shards than streams (CIFAR-10's 50 shards on 512 ranks x 8 workers): streams share
+  shards by sample ranges instead (`Plan.by_ranges`, when every shard has the sample index
+  make_shards writes beside it). The epoch's shard order, rotated by a seeded offset, is cut
+  into one range of total // streams samples per stream; a stream reads only its range's bytes
+  (ranged GETs; each sample checked against its own sha256), so every sample is read and seen
+  once an epoch but for fewer than one batch per stream. Position p > 0 of a stream is the
+  range of stream s + p, read only to replace skipped samples.
 - A shard is read whole (retried as a unit on I/O errors, checksummed against index.json)
   and its samples are visited in a permutation seeded by (seed, e, s, position) - a full
   in-shard shuffle, with no shuffle buffer. Flips use the same generator; a batch carries
@@ -20,9 +27,9 @@ shards), so a position is just two integers per stream:
   not used (its samples count as skipped), undecodable samples are skipped, one warning per
   shard read says how many; a shard with no decodable sample, or skipped samples above
   data.max_skip_fraction of what the stream has read (once it has read MIN_READ_FOR_SKIP_LIMIT),
-  raise a BadDataError. The next shard is read ahead in a daemon thread, which closing the
-  stream abandons (exit never waits for it).
-- A stream's cursor is (shard position, slot in the permutation). Loader workers send it with
+  raise a BadDataError. The next read (the next epoch's first at an epoch's last) is made
+  ahead in a daemon thread, which closing the stream abandons (exit never waits for it).
+- A stream's cursor is (position: shard or range, slot in the permutation). Loader workers send it with
   each batch; the stream keeps the latest per worker, so state_dict() is exact even though
   workers prefetch. DataLoader takes workers round-robin, which makes the batch order a
   function of the cursors too; on resume the worker ids are rotated to continue it.
