@@ -4,7 +4,8 @@ shard writing is here, as all reading is in data/shards.py (which also describes
 Samples are shuffled once with a seed, encoded in worker processes (at most READ_AHEAD chunks
 per worker in flight, so memory stays bounded; a worker that dies stops the run with a
 DataError), packed into shards in order, and each shard is written whole (fsynced temp file +
-rename, mode from the user's umask, or one S3 PUT); tars are written deterministically (fixed
+rename, mode from the user's umask, or one S3 PUT), then its sample index (`.idx`, see
+data/shards.py); tars are written deterministically (fixed
 mtime/owner), so the same input gives the same bytes. index.json is
 rewritten after every shard with `complete: false`, and with `complete: true` at the end, so
 an interrupted run can be resumed: a rerun with the same parameters keeps the shards that

@@ -10,7 +10,8 @@ verified shards.
 
 Everything that reads shards comes here: `read_index` (index.json, checked), `read_shard_at`
 (a shard's image bytes, checked against index.json's sha256; damaged tars salvaged by
-`read_images`) and `decode` (bytes → uint8 pixels as the model sees them). The training stream
+`read_images`), `read_samples_at` (a range of a shard's samples through its sample index, each
+checked against its own sha256) and `decode` (bytes → uint8 pixels as the model sees them). The training stream
 (data/stream.py) and the reference statistics (metrics/image_sources.py) both use them.
 """
 from __future__ import annotations
