@@ -5,7 +5,9 @@
     python tools/make_shards.py --source lsun --input bedroom_train_lmdb --resolution 256 \
         --format jpg --quality 95 --out s3://bucket/lsun-bedroom-256/ --workers 8
 
-S3 endpoint and credentials come from the AWS environment (AWS_ENDPOINT_URL, ...) or
+--plan-world-size W --plan-workers K sizes shards so that the W ranks x K loader workers of the
+planned training have a shard each where the data allows (fewer shards than that are shared by
+sample ranges). S3 endpoint and credentials come from the AWS environment (AWS_ENDPOINT_URL, ...) or
 --s3-endpoint. A rerun with the same options skips shards already written and verified.
 CIFAR-10's python batches are pickle files; they are read with an unpickler that admits numpy
 arrays only, so a batch that names anything else is refused, not run.
