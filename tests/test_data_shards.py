@@ -233,7 +233,8 @@ def test_shards_follow_the_umask_and_stale_temp_files_go(tmp_path, umask, mode):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(umask))
     assert r.returncode == 0, r.stderr
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == \
-        {"shard-000000.tar": mode, "shard-000001.tar": mode, "index.json": mode}
+        {"shard-000000.tar": mode, "shard-000001.tar": mode, "shard-000000.tar.idx": mode,
+         "shard-000001.tar.idx": mode, "index.json": mode}
 
 
 def _lsun_without_data(tmp_path) -> list[str]:

@@ -5,7 +5,9 @@
     python tools/make_shards.py --source lsun --input bedroom_train_lmdb --resolution 256 \
         --format jpg --quality 95 --out s3://bucket/lsun-bedroom-256/ --workers 8
 
-S3 endpoint and credentials come from the AWS environment (AWS_ENDPOINT_URL, ...) or
+--plan-world-size W --plan-workers K sizes shards so that the W ranks x K loader workers of the
+planned training have a shard each where the data allows (fewer shards than that are shared by
+sample ranges). S3 endpoint and credentials come from the AWS environment (AWS_ENDPOINT_URL, ...) or
 --s3-endpoint. A rerun with the same options skips shards already written and verified.
 CIFAR-10's python batches are pickle files; they are read with an unpickler that admits numpy
 arrays only, so a batch that names anything else is refused, not run.
@@ -41,6 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--s3-endpoint", default=None, help="else AWS_ENDPOINT_URL")
     p.add_argument("--max-skip-fraction", type=float, default=0.01,
                    help="records that do not decode are skipped; more than this fraction of all stops the run")
+    p.add_argument("--plan-world-size", type=int, default=None,
+                   help="ranks of the planned training: with --plan-workers, at most samples / (ranks x workers) "
+                        "samples per shard, so that every loader stream can have a shard of its own")
+    p.add_argument("--plan-workers", type=int, default=None,
+                   help="loader workers per rank of the planned training (data.num_workers, 0 counted as 1; "
+                        "default 1)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -51,7 +59,9 @@ def check_args(args) -> None:
     if message:
         raise ValueError(message)
     for flag, value, least in (("--max-samples", args.max_samples, 1), ("--max-bytes", args.max_bytes, 1),
-                               ("--workers", args.workers, 0), ("--resolution", args.resolution or 1, 1)):
+                               ("--workers", args.workers, 0), ("--resolution", args.resolution or 1, 1),
+                               ("--plan-world-size", _or(args.plan_world_size, 1), 1),
+                               ("--plan-workers", _or(args.plan_workers, 0), 0)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     if not 0 <= args.max_skip_fraction < 1:
@@ -64,7 +74,19 @@ def convert(args) -> dict:
     return convert_source(args.source, args.input, args.out, resolution=args.resolution, image_format=args.format,
                           quality=args.quality, seed=args.seed, split=args.split, max_samples=args.max_samples,
                           max_bytes=args.max_bytes, workers=args.workers, endpoint=args.s3_endpoint,
-                          progress=not args.no_progress, max_skip_fraction=args.max_skip_fraction)
+                          progress=not args.no_progress, max_skip_fraction=args.max_skip_fraction,
+                          plan_streams=plan_streams(args))
+
+
+def plan_streams(args) -> int:
+    """The planned training's loader streams (ranks x workers), 0 without a plan."""
+    if args.plan_world_size is None and args.plan_workers is None:
+        return 0
+    return _or(args.plan_world_size, 1) * max(_or(args.plan_workers, 1), 1)  # 0 workers: one stream
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def main(argv=None) -> int:

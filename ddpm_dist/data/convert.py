@@ -4,7 +4,8 @@ shard writing is here, as all reading is in data/shards.py (which also describes
 Samples are shuffled once with a seed, encoded in worker processes (at most READ_AHEAD chunks
 per worker in flight, so memory stays bounded; a worker that dies stops the run with a
 DataError), packed into shards in order, and each shard is written whole (fsynced temp file +
-rename, mode from the user's umask, or one S3 PUT); tars are written deterministically (fixed
+rename, mode from the user's umask, or one S3 PUT), then its sample index (`.idx`, see
+data/shards.py); tars are written deterministically (fixed
 mtime/owner), so the same input gives the same bytes. index.json is
 rewritten after every shard with `complete: false`, and with `complete: true` at the end, so
 an interrupted run can be resumed: a rerun with the same parameters keeps the shards that
@@ -13,6 +14,7 @@ parameters or other input content (ids and sizes, see `sources.fingerprint`) rew
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -29,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddpm_dist.data import fs
-from ddpm_dist.data.shards import OversizedImage, centre_crop_resize, check_side, sha256
+from ddpm_dist.data.shards import OversizedImage, centre_crop_resize, check_side, sample_index_bytes, sha256
 from ddpm_dist.data.sources import open_source
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,21 @@ def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
             info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def sample_records(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(offset, size, sha256 digest) of each sample of a tar from `tar_bytes`: the members that
+    share a key, from the first one's header to the end of the last one's padded data."""
+    spans: list[list] = []  # [key, start, end]
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            key = member.name.rpartition(".")[0]
+            if spans and spans[-1][0] == key:
+                spans[-1][2] = end
+            else:
+                spans.append([key, member.offset, end])
+    return [(a, b - a, hashlib.sha256(data[a:b]).digest()) for _, a, b in spans]
 
 
 def pack(samples: Iterable[tuple[str, str, bytes]], *, max_samples: int,
@@ -172,6 +189,8 @@ def _verified_prefix(out: str, params: dict, endpoint: str | None) -> list[dict]
         if not fs.exists(url, endpoint=endpoint) or \
                 sha256(fs.read_bytes(url, endpoint=endpoint, retries=2)) != shard["sha256"]:
             break
+        if "sample_index" not in shard or not fs.exists(fs.join(out, shard["sample_index"]), endpoint=endpoint):
+            break  # written before sample indexes: rewritten, so that streams can read it by ranges
         kept.append(shard)
     return kept
 
@@ -189,16 +208,20 @@ def _write_index(out: str, shards: list[dict], params: dict, complete: bool,
 
 def make_shards(source, out: str, *, params: dict, max_samples: int = 1000,
                 max_bytes: int = 64 << 20, workers: int = 0, endpoint: str | None = None,
-                progress: bool = True, max_skip_fraction: float = 0.01) -> dict:
+                progress: bool = True, max_skip_fraction: float = 0.01, plan_streams: int = 0) -> dict:
     """Write `source` as shards under `out` (folder or s3:// URL); returns the index.
 
     `params` holds what determines the bytes: resolution, format, quality, seed (+ source).
     Records that do not decode are skipped and counted (each shard's `skipped`); more than
-    `max_skip_fraction` of all stop the conversion with a DataError.
+    `max_skip_fraction` of all stop the conversion with a DataError. `plan_streams` (the
+    training's ranks x loader workers; 0: no plan) caps the samples per shard so that there
+    are at least that many shards where the data allows, and warns where it does not.
     """
     ids = source.ids()
     if not ids:
         raise ValueError("the source holds no images")
+    if plan_streams:
+        max_samples = min(max_samples, max(1, len(ids) // plan_streams))
     fs.remove_temp_files(out)
     order = np.random.default_rng(params["seed"]).permutation(len(ids))
     shards = _verified_prefix(out, params, endpoint)
@@ -214,13 +237,17 @@ def make_shards(source, out: str, *, params: dict, max_samples: int = 1000,
         name = f"shard-{len(shards):06d}.tar"
         data = tar_bytes(shard_members(group, params["format"]))
         fs.write_bytes(fs.join(out, name), data, endpoint=endpoint)
+        fs.write_bytes(fs.join(out, name + ".idx"), sample_index_bytes(sample_records(data)), endpoint=endpoint)
         shards.append({"name": name, "samples": len(group), "bytes": len(data),
-                       "sha256": sha256(data)})
+                       "sha256": sha256(data), "sample_index": name + ".idx"})
         if bad.skipped > counted:  # the records skipped before the next shard's first sample
             shards[-1]["skipped"], counted = bad.skipped - counted, bad.skipped
         _write_index(out, shards, params, False, endpoint)
         bar.update(len(group))
     bar.close()
+    if len(shards) < plan_streams:
+        log.warning("%d shards for %d planned streams (ranks x loader workers): streams will share shards "
+                    "by sample ranges", len(shards), plan_streams)
     return _write_index(out, shards, params, True, endpoint)
 
 

@@ -105,8 +105,10 @@ def describe(exc: BaseException, url: str) -> str:
 
 
 def read_bytes(url: str, *, endpoint: str | None = None, retries: int = 5, wait: float = 1.0,
-               check: bool = False, cancel: threading.Event | None = None) -> bytes:
-    """The whole object; transient errors retried with backoff wait, 2*wait, ... (cap 30 s).
+               check: bool = False, cancel: threading.Event | None = None, start: int | None = None,
+               end: int | None = None) -> bytes:
+    """The whole object, or its bytes [start, end) (one ranged GET on S3); transient errors
+    retried with backoff wait, 2*wait, ... (cap 30 s).
 
     Setting `cancel` ends the retries at the next backoff wait with a DataReadError.
     """
@@ -115,7 +117,7 @@ def read_bytes(url: str, *, endpoint: str | None = None, retries: int = 5, wait:
     while True:
         try:
             fs, path = filesystem(url, endpoint)
-            return fs.cat_file(path)
+            return fs.cat_file(path, start=start, end=end)
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised as DataError
             error = _give_up(exc, url, attempt, retries, check)
             if error is not None:

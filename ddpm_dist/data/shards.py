@@ -10,7 +10,8 @@ verified shards.
 
 Everything that reads shards comes here: `read_index` (index.json, checked), `read_shard_at`
 (a shard's image bytes, checked against index.json's sha256; damaged tars salvaged by
-`read_images`) and `decode` (bytes → uint8 pixels as the model sees them). The training stream
+`read_images`), `read_samples_at` (a range of a shard's samples through its sample index, each
+checked against its own sha256) and `decode` (bytes → uint8 pixels as the model sees them). The training stream
 (data/stream.py) and the reference statistics (metrics/image_sources.py) both use them.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import posixpath
 import re
+import struct
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -137,6 +139,74 @@ def read_shard_at(url: str, count: int, checksum: str, *, endpoint: str | None =
     return ShardRead(url, [b for _, b in images], max(count - len(images), rejected))
 
 
+# ---- sample indexes: reading a range of a shard's samples -----------------------------------------
+# Beside each shard make_shards writes `{shard}.idx`: a 16-byte header (SAMPLE_INDEX_MAGIC, then
+# the sample count as uint64) and one fixed-size record per sample in tar order: the byte offset
+# of its first member's header, its size (all its members with their padding) and the sha256 of
+# those bytes. Fixed-size records let a reader fetch the records of samples [lo, hi) alone, and
+# then only those samples' bytes: the whole-shard sha256 cannot be checked on such a partial
+# read, each sample's own is.
+
+SAMPLE_INDEX_MAGIC = b"DDPMSIDX"
+SAMPLE_RECORD = struct.Struct("<QQ32s")  # offset, size, sha256 digest
+SAMPLE_INDEX_HEADER = 16
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    offset: int
+    size: int
+    digest: bytes
+
+
+def sample_index_bytes(records: list[tuple[int, int, bytes]]) -> bytes:
+    """The `.idx` file of a shard whose samples are (offset, size, sha256 digest) in tar order."""
+    return SAMPLE_INDEX_MAGIC + struct.pack("<Q", len(records)) + \
+        b"".join(SAMPLE_RECORD.pack(*r) for r in records)
+
+
+def sample_record_range(lo: int, hi: int) -> tuple[int, int]:
+    """The byte range [start, end) of the records of samples [lo, hi) in a `.idx` file."""
+    return SAMPLE_INDEX_HEADER + lo * SAMPLE_RECORD.size, SAMPLE_INDEX_HEADER + hi * SAMPLE_RECORD.size
+
+
+def read_sample_records(data: bytes) -> list[SampleRecord]:
+    """The records in `data`: the bytes of a `sample_record_range`, or a whole `.idx` file's
+    bytes after its SAMPLE_INDEX_HEADER."""
+    return [SampleRecord(*SAMPLE_RECORD.unpack_from(data, k))
+            for k in range(0, len(data) - SAMPLE_RECORD.size + 1, SAMPLE_RECORD.size)]
+
+
+def read_samples_at(url: str, index_url: str, lo: int, hi: int, shard_bytes: int, *,
+                    endpoint: str | None = None, retries: int = 5, wait: float = 1.0,
+                    cancel: threading.Event | None = None) -> ShardRead:
+    """Samples [lo, hi) of a shard, read by two ranges: their records from the shard's `.idx`
+    file, then their bytes. A sample whose bytes differ from its record's sha256 is missing
+    (counted); records that point outside the shard make all of them missing."""
+    where, count = f"{url}[{lo}:{hi}]", hi - lo
+    options = dict(endpoint=endpoint, retries=retries, wait=wait, cancel=cancel)
+    start, end = sample_record_range(lo, hi)
+    records = read_sample_records(fs.read_bytes(index_url, start=start, end=end, **options))
+    if len(records) != count or not _records_fit(records, shard_bytes):
+        return ShardRead(where, [], count, f"its sample index {index_url} is damaged; rewrite it with make_shards")
+    first = records[0].offset
+    data = fs.read_bytes(url, start=first, end=records[-1].offset + records[-1].size, **options)
+    images, bad = [], 0
+    for r in records:
+        sample = data[r.offset - first:r.offset - first + r.size]
+        found = read_images(sample, url)[0] if hashlib.sha256(sample).digest() == r.digest else []
+        bad += len(found) != 1
+        images += [b for _, b in found[:1]]
+    problem = f"{bad} sample{'s' if bad > 1 else ''} whose checksum differs from {index_url}" if bad else ""
+    return ShardRead(where, images, count - len(images), problem)
+
+
+def _records_fit(records: list[SampleRecord], shard_bytes: int) -> bool:
+    """Records in tar order, each inside the shard: a damaged index cannot ask for other bytes."""
+    return all(a.offset + a.size <= b.offset for a, b in zip(records, records[1:])) and \
+        records[-1].offset + records[-1].size <= shard_bytes and records[0].offset >= 0
+
+
 def load_index(data: bytes, url: str) -> dict:
     """index.json checked before anything is read: complete, with shards named inside `url`."""
     try:
@@ -152,11 +222,16 @@ def load_index(data: bytes, url: str) -> dict:
     if not index.get("shards"):
         raise DataConfigError(f"{url}: index.json lists no shards")
     for shard in index["shards"]:
-        name = shard.get("name")
-        if not isinstance(name, str) or not name or not safe_member_name(name):
-            raise DataConfigError(f"{url}: index.json names shard {name!r} outside the data folder "
-                                  f"(absolute, '..' or a URL); refusing to read it")
+        for name in (shard.get("name"), shard.get("sample_index", "x")):
+            _check_name(name, url)
     return index
+
+
+def _check_name(name, url: str) -> None:
+    """A file named in index.json must lie inside the data folder."""
+    if not isinstance(name, str) or not name or not safe_member_name(name):
+        raise DataConfigError(f"{url}: index.json names shard {name!r} outside the data folder "
+                              f"(absolute, '..' or a URL); refusing to read it")
 
 
 def _whole(value) -> bool:
@@ -187,6 +262,8 @@ def _index_problem(index) -> str | None:
             return f"{where}: 'samples' must be a whole number 0 or more, got {shard['samples']!r}"
         if not (isinstance(shard["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])):
             return f"{where}: 'sha256' must be 64 hex digits, got {shard['sha256']!r}"
+        if "sample_index" in shard and not (_whole(shard.get("bytes")) and isinstance(shard["sample_index"], str)):
+            return f"{where}: a 'sample_index' needs a file name and the shard's 'bytes'"
     return None
 
 

@@ -12,6 +12,13 @@ shards), so a position is just two integers per stream:
 - Each stream yields the same number of batches per epoch, total // (streams * B); a stream
   that runs out of its own shards resamples them with (seed, e, s, position). Hence every rank
   yields the same number of batches and no rank waits at an epoch end.
+- Fewer shards than streams (CIFAR-10's 50 shards on 512 ranks x 8 workers): streams share
+  shards by sample ranges instead (`Plan.by_ranges`, when every shard has the sample index
+  make_shards writes beside it). The epoch's shard order, rotated by a seeded offset, is cut
+  into one range of total // streams samples per stream; a stream reads only its range's bytes
+  (ranged GETs; each sample checked against its own sha256), so every sample is read and seen
+  once an epoch but for fewer than one batch per stream. Position p > 0 of a stream is the
+  range of stream s + p, read only to replace skipped samples.
 - A shard is read whole (retried as a unit on I/O errors, checksummed against index.json)
   and its samples are visited in a permutation seeded by (seed, e, s, position) - a full
   in-shard shuffle, with no shuffle buffer. Flips use the same generator; a batch carries
@@ -20,9 +27,9 @@ shards), so a position is just two integers per stream:
   not used (its samples count as skipped), undecodable samples are skipped, one warning per
   shard read says how many; a shard with no decodable sample, or skipped samples above
   data.max_skip_fraction of what the stream has read (once it has read MIN_READ_FOR_SKIP_LIMIT),
-  raise a BadDataError. The next shard is read ahead in a daemon thread, which closing the
-  stream abandons (exit never waits for it).
-- A stream's cursor is (shard position, slot in the permutation). Loader workers send it with
+  raise a BadDataError. The next read (the next epoch's first at an epoch's last) is made
+  ahead in a daemon thread, which closing the stream abandons (exit never waits for it).
+- A stream's cursor is (position: shard or range, slot in the permutation). Loader workers send it with
   each batch; the stream keeps the latest per worker, so state_dict() is exact even though
   workers prefetch. DataLoader takes workers round-robin, which makes the batch order a
   function of the cursors too; on resume the worker ids are rotated to continue it.
@@ -45,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ddpm_dist.data import fs
 from ddpm_dist.data.batch import ImageBatch
-from ddpm_dist.data.shards import PIL_MODES, ShardRead, decode, read_index, read_shard_at
+from ddpm_dist.data.shards import PIL_MODES, ShardRead, decode, read_index, read_samples_at, read_shard_at
 from ddpm_dist.distributed import rank_split
 from ddpm_dist.utils.seeds import numpy_rng
 
@@ -71,6 +78,7 @@ class Plan:
     retries: int
     retry_wait: float
     max_skip_fraction: float = 0.01
+    ranges: tuple[tuple[str, int], ...] = ()  # per shard (sample index name, bytes); () if any lacks one
 
     @property
     def streams(self) -> int:
@@ -84,6 +92,29 @@ class Plan:
     def rng(self, *key: int) -> np.random.Generator:
         return numpy_rng(self.seed, *key)
 
+    @property
+    def by_ranges(self) -> bool:
+        """Fewer shards than streams, all with a sample index: streams read sample ranges."""
+        return len(self.shards) < self.streams and len(self.ranges) == len(self.shards) and \
+            sum(n for _, n, _ in self.shards) > 0
+
+    @property
+    def range_size(self) -> int:
+        """Samples in one stream's range of an epoch (by_ranges)."""
+        return max(1, sum(n for _, n, _ in self.shards) // self.streams)
+
+    def own_reads(self, epoch: int, stream: int) -> int:
+        """Reads (whole shards, or one range) that a stream owns in an epoch."""
+        return 1 if self.by_ranges else len(rank_split(self.rng(epoch).permutation(len(self.shards)),
+                                                       stream, self.streams))
+
+    def next_read(self, epoch: int, stream: int, position: int) -> tuple[int, int]:
+        """(epoch, position) of the read most likely to follow the one at `position`: the next
+        own one, else the next epoch's first (more is read only to replace skipped samples)."""
+        if position + 1 < self.own_reads(epoch, stream):
+            return epoch, position + 1
+        return epoch + 1, 0
+
     def shard_at(self, epoch: int, stream: int, position: int) -> int:
         """The shard a stream reads at a position: its own ones, then seeded resamples."""
         perm = self.rng(epoch).permutation(len(self.shards))
@@ -93,12 +124,54 @@ class Plan:
         pool = own if len(own) else perm  # fewer shards than streams: draw from all
         return int(pool[self.rng(epoch, stream, position).integers(len(pool))])
 
+    def range_at(self, epoch: int, stream: int, position: int) -> list[tuple[int, int, int]]:
+        """(shard, first sample, end) pieces of the samples a stream reads at a position
+        (by_ranges). The epoch's shard order, rotated by a seeded offset, is cut into
+        `streams` ranges of `range_size` samples, range s for stream s; the samples past the
+        last range wait for another epoch. Position p > 0 (a stream that skipped damaged
+        samples needs more) takes the range of stream s + p."""
+        perm, starts, rotation = _epoch_order(self, epoch)
+        total, size = int(starts[-1]), self.range_size
+        at, need, pieces = (rotation + ((stream + position) % self.streams) * size) % total, size, []
+        while need > 0:
+            j = int(np.searchsorted(starts, at, side="right")) - 1
+            lo = at - int(starts[j])
+            take = min(need, int(starts[j + 1]) - at)
+            pieces.append((int(perm[j]), lo, lo + take))
+            need, at = need - take, (at + take) % total
+        return pieces
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(plan: Plan, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The epoch's shard order (the whole-shard order too), the first sample of each shard in
+    it, and the seeded rotation of the sample ranges."""
+    rng = plan.rng(epoch)
+    perm = rng.permutation(len(plan.shards))
+    starts = np.concatenate([[0], np.cumsum([plan.shards[i][1] for i in perm])])
+    return perm, starts, int(rng.integers(max(int(starts[-1]), 1)))
+
 
 def read_shard(plan: Plan, index: int, cancel: threading.Event | None = None) -> ShardRead:
     """Shard `index` of the plan, read with its retries (`read_shard_at`)."""
     name, count, checksum = plan.shards[index]
     return read_shard_at(fs.join(plan.base, name), count, checksum, endpoint=plan.endpoint,
                          retries=plan.retries, wait=plan.retry_wait, cancel=cancel)
+
+
+def read_at(plan: Plan, epoch: int, stream: int, position: int,
+            cancel: threading.Event | None = None) -> ShardRead:
+    """What a stream reads at a position: a whole shard, or its range's samples by ranges."""
+    if not plan.by_ranges:
+        return read_shard(plan, plan.shard_at(epoch, stream, position), cancel)
+    parts = []
+    for shard, lo, hi in plan.range_at(epoch, stream, position):
+        name, (index_name, size) = plan.shards[shard][0], plan.ranges[shard]
+        parts.append(read_samples_at(fs.join(plan.base, name), fs.join(plan.base, index_name), lo, hi, size,
+                                     endpoint=plan.endpoint, retries=plan.retries, wait=plan.retry_wait,
+                                     cancel=cancel))
+    return ShardRead(", ".join(p.url for p in parts), [im for p in parts for im in p.images],
+                     sum(p.missing for p in parts), "; ".join(p.problem for p in parts if p.problem))
 
 
 @dataclass
@@ -125,19 +198,35 @@ class SkipTally:
                 f"{names}{more}")
 
 
-class _Prefetch:
-    """Reads the next shard in a daemon thread: interpreter exit never waits for it, and
-    close() ends its retry waits."""
+class ShardReader:
+    """One stream's reads, each in a daemon thread (interpreter exit never waits for it), with
+    the likely next one (`Plan.next_read`) fetched ahead while the current one is decoded, across
+    epoch ends too when the reader outlives an epoch (a loader worker's does). close() ends the
+    retry waits of the reads in flight and drops the read-ahead."""
 
-    def __init__(self):
+    def __init__(self, plan: Plan, stream: int, ahead: bool = True):
+        self.plan, self.stream, self.ahead = plan, stream, ahead
         self.cancel = threading.Event()
+        self.upcoming: tuple[tuple[int, int], Future] | None = None
 
-    def read(self, plan: Plan, index: int) -> Future:
+    def read(self, epoch: int, position: int) -> ShardRead:
+        key = (epoch, position)
+        if self.upcoming and self.upcoming[0] == key:
+            shard = self.upcoming[1].result()
+        else:  # not read ahead: read now, in this thread
+            shard = read_at(self.plan, epoch, self.stream, position, self.cancel)
+        following = self.plan.next_read(epoch, self.stream, position)
+        if self.ahead and not (self.upcoming and self.upcoming[0] == following):
+            self.upcoming = following, self._start(following)
+        return shard
+
+    def _start(self, key: tuple[int, int]) -> Future:
         future: Future = Future()
+        cancel = self.cancel
 
         def run():
             try:
-                future.set_result(read_shard(plan, index, self.cancel))
+                future.set_result(read_at(self.plan, key[0], self.stream, key[1], cancel))
             except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the result
                 future.set_exception(exc)
 
@@ -146,27 +235,28 @@ class _Prefetch:
 
     def close(self) -> None:
         self.cancel.set()
+        self.cancel, self.upcoming = threading.Event(), None
 
 
 def stream_samples(plan: Plan, epoch: int, stream: int, cursor: tuple[int, int],
-                   tally: SkipTally):
+                   tally: SkipTally, reader: ShardReader | None = None):
     """Endless (image or None if corrupt, its flip, skipped-count, cursor after it) from a
-    cursor on."""
+    cursor on. Without a `reader` the reads are made in turn, none ahead."""
     position, slot = cursor
     empty_run = 0
-    prefetch = _Prefetch()  # fetches the next shard while this one is decoded
-    upcoming = prefetch.read(plan, plan.shard_at(epoch, stream, position))
+    own = reader is None
+    reader = reader or ShardReader(plan, stream, ahead=False)
     try:
         while True:
-            shard = upcoming.result()
-            upcoming = prefetch.read(plan, plan.shard_at(epoch, stream, position + 1))
+            shard = reader.read(epoch, position)
             yield from _shard_samples(plan, epoch, stream, position, slot, shard, tally)
             empty_run = empty_run + 1 if not shard.images else 0
-            if empty_run > 2 * len(plan.shards):
+            if empty_run > 2 * (plan.streams if plan.by_ranges else len(plan.shards)):
                 raise fs.BadDataError(f"{plan.base}: no usable samples in any shard")
             position, slot = position + 1, 0
     finally:
-        prefetch.close()
+        if own:
+            reader.close()
 
 
 def _shard_samples(plan: Plan, epoch: int, stream: int, position: int, slot: int,
@@ -224,6 +314,7 @@ class _RankDataset(IterableDataset):
         self.plan, self.epoch, self.batch, self.cursors = plan, epoch, batch, cursors
         self.started = False
         self.tally = SkipTally(plan.max_skip_fraction)  # over all epochs of this worker
+        self.reader: ShardReader | None = None  # kept across epochs: it reads the next one ahead
 
     def __iter__(self):
         info = get_worker_info()
@@ -235,13 +326,19 @@ class _RankDataset(IterableDataset):
         done = self.batch // nw + (worker < self.batch % nw)
         remaining = self.plan.batches_per_stream - done
         stream = self.plan.rank + self.plan.world_size * worker
+        if self.reader is None or self.reader.stream != stream:  # a resumed epoch rotates workers
+            self.reader = ShardReader(self.plan, stream)
         samples = stream_samples(self.plan, self.epoch, stream, tuple(self.cursors[worker]),
-                                 self.tally)
+                                 self.tally, self.reader)
+        finished = False
         try:
             for _ in range(remaining):
                 yield (*_next_batch(samples, self.plan), worker)
+            finished = True
         finally:
-            samples.close()  # abandons the shard being read ahead
+            samples.close()
+            if not finished:  # the stream is closed: abandon the read ahead
+                self.reader.close()
 
 
 def put_image(slot: torch.Tensor, image: np.ndarray) -> None:
@@ -315,9 +412,13 @@ class ShardStream:
         self.epoch, self.batch, self.skipped = 0, 0, 0
         self.cursors = [(0, 0)] * nw
         self.batches_per_epoch = plan.batches_per_stream * nw
-        if len(plan.shards) < plan.streams:
-            log.warning("%s: %d shards for %d streams; streams share shards", plan.base,
-                        len(plan.shards), plan.streams)
+        if plan.by_ranges:
+            log.info("%s: %d shards for %d streams: each stream reads a range of %d samples an epoch",
+                     plan.base, len(plan.shards), plan.streams, plan.range_size)
+        elif len(plan.shards) < plan.streams:
+            log.warning("%s: %d shards for %d streams, without sample indexes (written by an older make_shards): "
+                        "streams share whole shards; rewrite them with make_shards to read them by ranges",
+                        plan.base, len(plan.shards), plan.streams)
 
     def _loader(self) -> DataLoader:
         ds = _RankDataset(self.plan, self.epoch, self.batch, list(self.cursors))
@@ -347,16 +448,19 @@ class ShardStream:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "streams": self.plan.streams,
-                "cursors": [list(c) for c in self.cursors], "skipped": self.skipped}
+                "by_ranges": self.plan.by_ranges, "cursors": [list(c) for c in self.cursors],
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.skipped = int(state.get("skipped", 0))
-        if state.get("streams") == self.plan.streams:
+        saved = (state.get("streams"), bool(state.get("by_ranges", False)))
+        if saved == (self.plan.streams, self.plan.by_ranges):
             self.cursors = [tuple(int(v) for v in c) for c in state["cursors"]]
-        else:  # another world size or worker count: the old cursors mean nothing here
-            log.warning("data position saved with %s streams, now %d: restarting epoch %d",
-                        state.get("streams"), self.plan.streams, self.epoch)
+        else:  # another world size, worker count or way of reading: the old cursors mean nothing here
+            log.warning("data position saved with %s streams%s, now %d%s: restarting epoch %d",
+                        saved[0], " by ranges" * saved[1], self.plan.streams,
+                        " by ranges" * self.plan.by_ranges, self.epoch)
             self.batch, self.cursors = 0, [(0, 0)] * max(self.plan.workers, 1)
 
 
@@ -372,8 +476,10 @@ def open_shard_stream(url: str, *, batch_size: int, resolution: int, rank: int, 
         log.warning("%s: shards are %d², model wants %d²: resizing while decoding", url,
                     index["resolution"], resolution)
     shards = tuple((s["name"], int(s["samples"]), s["sha256"]) for s in index["shards"])
+    ranges = tuple((s["sample_index"], int(s["bytes"])) for s in index["shards"] if "sample_index" in s)
     plan = Plan(base=url.rstrip("/"), shards=shards, resolution=resolution, channels=channels,
                 batch_size=batch_size, rank=rank, world_size=world_size, workers=data_cfg.num_workers, seed=seed,
                 flip=data_cfg.flip, endpoint=data_cfg.s3_endpoint, retries=data_cfg.retries,
-                retry_wait=data_cfg.retry_wait, max_skip_fraction=data_cfg.max_skip_fraction)
+                retry_wait=data_cfg.retry_wait, max_skip_fraction=data_cfg.max_skip_fraction,
+                ranges=ranges if len(ranges) == len(shards) else ())
     return ShardStream(plan, pin_memory)
