@@ -152,12 +152,13 @@ def _dcp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _refusals(rank: int, world: int, info, folder: Path, hashed: dict) -> list[str]:
-    """A planted file, then a file that rank 1 hashed altered in place: every rank refuses both
-    with one line, before anything is unpickled."""
+    """A planted file; a file that rank 1 hashed, altered in place; a crafted `.metadata` whose
+    manifest entry matches (rank 0 reads it): every rank refuses each with one line, before
+    anything is unpickled."""
     from ddpm_dist.distributed import barrier
     from ddpm_dist.training.checkpoint import CheckpointError, load_checkpoint
     engine, messages = new_engine(make_cfg("ddp"), info), []
-    for damage in ("plant", "alter"):
+    for damage in ("plant", "alter", "craft"):
         if rank == 0 and damage == "plant":
             (folder / "planted.pt").write_bytes(b"not listed")
         if rank == 0 and damage == "alter":
@@ -167,6 +168,11 @@ def _refusals(rank: int, world: int, info, folder: Path, hashed: dict) -> list[s
             data = bytearray(shard.read_bytes())
             data[len(data) // 2] ^= 0xFF
             shard.write_bytes(bytes(data))
+        if rank == 0 and damage == "craft":  # a .metadata that runs code, its manifest entry made to match
+            from test_checkpoint_faults import craft_metadata
+            craft_metadata(folder, folder.parent / "pwned")
+            from test_checkpoint_trust import rewrite_manifest
+            rewrite_manifest(folder)
         barrier()
         try:
             load_checkpoint(folder, engine)
@@ -223,9 +229,11 @@ def test_an_fsdp_resume_trains_on_bit_for_bit(dcp_results):
 
 def test_every_rank_refuses_a_planted_or_altered_file_in_one_line(dcp_results):
     for r in dcp_results:
-        planted, altered = r["refusals"]
+        planted, altered, crafted = r["refusals"]
         assert "planted.pt is not listed in manifest.json" in planted and "\n" not in planted, planted
         assert "does not match its sha256" in altered and "\n" not in altered, altered
+        assert ".metadata refused: it names" in crafted and "\n" not in crafted, crafted
+    assert not (Path(dcp_results[0]["ddp"]["folder"]).parent / "pwned").exists()
     assert len({tuple(r["refusals"]) for r in dcp_results}) == 1  # the same line on every rank
 
 
@@ -240,6 +248,7 @@ def _ds_worker(rank: int, world: int, port: int, out: str) -> None:
         teardown()
 
 
+@pytest.mark.slow  # two DeepSpeed ranks start, save and resume: 48-228 s on 2 shared cores
 def test_deepspeed_zero2_saves_one_ema_in_all_and_resumes_bit_for_bit(tmp_path):
     import deepspeed  # noqa: F401  (the test extras install it; missing must fail, not skip)
     from ddpm_dist.unet import UNet

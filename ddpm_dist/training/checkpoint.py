@@ -10,7 +10,9 @@ the manifest and renames the folder to `step_N/`. A rename is atomic, so a check
 either is complete or does not exist: a run killed mid-write leaves a `.partial` folder that
 resume ignores. Resume takes the newest checkpoint whose files match its manifest (sizes and
 hashes, no unlisted file) and falls back to older ones with a warning; nothing in a folder is
-unpickled before it matches. A DCP folder without hashes (an older ddpm-dist) is loaded through
+unpickled before it matches. Under a process group the ranks check together: rank 0 reads the
+manifest and lists the folder, each rank hashes its share of the files, every rank gets the
+verdict. A DCP folder without hashes (an older ddpm-dist) is loaded through
 the restricted unpickler with a warning; a DeepSpeed one is refused. A save that fails (disk
 full, not writable) removes its `.partial` folder, keeps the older checkpoints and raises
 `CheckpointSaveError` on every rank. Random state needs no
@@ -301,7 +303,7 @@ def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 def find_checkpoint(path: Path) -> Path:
     """A DCP checkpoint folder itself, or the newest complete one under a run or checkpoints
-    folder; CheckpointError when there is none."""
+    folder; CheckpointError when there is none. Collective under a process group."""
     if (path / DCP_METADATA).is_file():
         return path
     for folder in (path / "checkpoints", path):

@@ -199,6 +199,7 @@ class DDPEngine(TorchEngine):
         raise_where_rank0_failed(error)
         self.load_state_dict(broadcast_state(state)["engine"])
 
+
 class FSDPEngine(TorchEngine):
     """FSDP2: each Block (and the time embedding) its own shard group, then the root."""
 
