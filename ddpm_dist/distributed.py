@@ -211,7 +211,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     """NCCL reduces only CUDA tensors; gloo only CPU ones."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -234,7 +234,7 @@ def agree_flags(any_rank: bool, rank0: bool) -> tuple[bool, bool]:
     if not dist.is_initialized():
         return bool(any_rank), bool(rank0)
     flags = [int(bool(any_rank)), int(bool(rank0) and dist.get_rank() == 0)]
-    t = torch.tensor(flags, dtype=torch.int32, device=_collective_device())
+    t = torch.tensor(flags, dtype=torch.int32, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     stop, due = t.tolist()
     return bool(stop), bool(due)
@@ -245,21 +245,43 @@ def any_flag(flag: bool) -> bool:
     all ranks must agree to stop (and save) at the same step boundary."""
     if not dist.is_initialized():
         return bool(flag)
-    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_collective_device())
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-def broadcast_from_main(value):
-    """Rank 0's `value` (JSON-able) on every rank: a decision taken once, from what rank 0 read,
-    instead of each rank reading files that may change between the reads."""
+def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
+    """Rank `src`'s `data` on every rank (the others pass None), as one uint8 tensor: a file that
+    one rank read, sent to the others instead of each reading it."""
+    if not dist.is_initialized():
+        return data
+    device, mine = collective_device(), dist.get_rank() == src
+    size = torch.tensor([len(data) if mine else 0], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    if int(size.item()) == 0:
+        return b""
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if mine
+           else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+    dist.broadcast(buf, src)
+    return data if mine else buf.cpu().numpy().tobytes()
+
+
+def broadcast_from_main(value, src: int = 0):
+    """Rank 0's (or `src`'s) `value` (JSON-able) on every rank: a decision taken once, from what
+    that rank read, instead of each rank reading files that may change between the reads."""
     if not dist.is_initialized():
         return value
-    device, main = _collective_device(), dist.get_rank() == 0
-    data = json.dumps(value).encode() if main else b""
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    dist.broadcast(size, 0)
-    buf = (torch.tensor(list(data), dtype=torch.uint8, device=device) if main
-           else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
-    dist.broadcast(buf, 0)
-    return value if main else json.loads(bytes(buf.cpu().tolist()))
+    mine = dist.get_rank() == src
+    data = broadcast_bytes(json.dumps(value).encode() if mine else None, src)
+    return value if mine else json.loads(data)
+
+
+def first_rank_with(flag: bool) -> int | None:
+    """The lowest rank whose `flag` is True, the same on every rank; None when no rank's is."""
+    if not dist.is_initialized():
+        return 0 if flag else None
+    world = dist.get_world_size()
+    t = torch.tensor([dist.get_rank() if flag else world], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    first = int(t.item())
+    return first if first < world else None

@@ -188,26 +188,24 @@ class Run:
         self.tally = StepTally(info.device, self.diffusion.num_timesteps)
 
     def _resume(self) -> tuple[int, dict]:
-        """(start step, accepted config changes). Rank 0 picks the checkpoint and compares its
-        config; every rank acts on that one decision."""
-        decision = distributed.broadcast_from_main(self._resume_decision() if self.info.is_main else None)
+        """(start step, accepted config changes). The ranks verify the checkpoints together (each
+        hashes its share); rank 0 compares the config; every rank acts on that one decision."""
+        found = resumable_checkpoint(self.ckpt_dir)  # the same on every rank, or the same error
+        decision = distributed.broadcast_from_main(self._resume_decision(found) if self.info.is_main else None)
         if "error" in decision:
             raise CheckpointError(decision["error"])
-        if decision["path"] is None:
+        if found is None:
             return 0, {}
-        found = Path(decision["path"])
         extra = load_checkpoint(found, self.engine)
         self.stream.load_state_dict(extra["data"])
         log.info(f"resumed from {found} at step {extra['step']}")
         return extra["step"], decision["changes"]
 
-    def _resume_decision(self) -> dict:
+    def _resume_decision(self, found: Path | None) -> dict:
         try:
-            found = resumable_checkpoint(self.ckpt_dir)
-            changes = resume_config_changes(found, self.cfg) if found else {}
+            return {"changes": resume_config_changes(found, self.cfg) if found else {}}
         except CheckpointError as e:
             return {"error": str(e)}
-        return {"path": found and str(found), "changes": changes}
 
     def train(self, stop: StopRequest) -> TrainResult:
         cfg, info, total = self.cfg, self.info, self.cfg.train.total_steps

@@ -10,7 +10,9 @@ the manifest and renames the folder to `step_N/`. A rename is atomic, so a check
 either is complete or does not exist: a run killed mid-write leaves a `.partial` folder that
 resume ignores. Resume takes the newest checkpoint whose files match its manifest (sizes and
 hashes, no unlisted file) and falls back to older ones with a warning; nothing in a folder is
-unpickled before it matches. A DCP folder without hashes (an older ddpm-dist) is loaded through
+unpickled before it matches. Under a process group the ranks check together: rank 0 reads the
+manifest and lists the folder, each rank hashes its share of the files, every rank gets the
+verdict. A DCP folder without hashes (an older ddpm-dist) is loaded through
 the restricted unpickler with a warning; a DeepSpeed one is refused. A save that fails (disk
 full, not writable) removes its `.partial` folder, keeps the older checkpoints and raises
 `CheckpointSaveError` on every rank. Random state needs no
@@ -29,10 +31,10 @@ import torch.distributed as dist
 
 from ddpm_dist.config import (RESUME_MAY_CHANGE, Config, ConfigError, config_to_dict, flat_settings,
                               load_config, save_config)
-from ddpm_dist.distributed import any_flag, barrier
+from ddpm_dist.distributed import any_flag, barrier, broadcast_from_main, first_rank_with, rank_split
 from ddpm_dist.engine_registry import CHECKPOINT_FORMATS, engines_writing
 from ddpm_dist.training.engines import Engine, checkpoint_format
-from ddpm_dist.training.engines.dcp_files import UnsafeCheckpointError
+from ddpm_dist.training.engines.dcp_files import UnsafeCheckpointError, root_cause
 from ddpm_dist.utils.download import file_sha256
 from ddpm_dist.utils.files import atomic_write, fsync_dir
 from ddpm_dist.utils.logs import log
@@ -171,19 +173,50 @@ def checkpoint_problem(path: str | Path) -> str | None:
     """Why the checkpoint folder cannot be trusted, or None: a file of its manifest missing, of
     another size or content than its sha256, or a file the manifest does not list. A DCP folder
     without a manifest or without hashes (an older ddpm-dist) passes unverified: its loader admits
-    no code (see `dcp_files`). A DeepSpeed folder must have them: DeepSpeed unpickles anything."""
+    no code (see `dcp_files`). A DeepSpeed folder must have them: DeepSpeed unpickles anything.
+    This process checks every file; `shared_checkpoint_problem` is the collective form."""
+    verdict = _manifest_verdict(Path(path))
+    if "sha256" not in verdict:
+        return verdict.get("problem")
+    return _hash_problem(Path(path), verdict["sha256"])
+
+
+def shared_checkpoint_problem(path: str | Path) -> str | None:
+    """Collective `checkpoint_problem`, the same answer on every rank: rank 0 reads the manifest
+    and lists the folder (a planted, missing or resized file), then each rank hashes its share
+    of the files (largest first, dealt round the ranks) and the first problem found is sent to
+    all. So each file is hashed once per check, not once per rank."""
+    if _world_size() == 1:
+        return checkpoint_problem(path)
     path = Path(path)
+    verdict = broadcast_from_main(_manifest_verdict(path) if _rank() == 0 else None)
+    if "sha256" not in verdict:
+        return verdict.get("problem")
+    sizes, hashes = verdict["files"], verdict["sha256"]
+    mine = rank_split(sorted(hashes, key=lambda name: (-sizes[name], name)), _rank(), _world_size())
+    problem = _hash_problem(path, {name: hashes[name] for name in mine})
+    first = first_rank_with(problem is not None)
+    return None if first is None else broadcast_from_main(problem, src=first)
+
+
+def _manifest_verdict(path: Path) -> dict:
+    """What the manifest and the folder's listing say: {"problem": why} when they already refuse
+    it, {} for an older unhashed DCP folder (accepted), else the files' sizes and hashes to check."""
     if not (path / MANIFEST).is_file():
-        return _unhashed_problem(path, f"no {MANIFEST}")
+        problem = _unhashed_problem(path, f"no {MANIFEST}")
+        return {} if problem is None else {"problem": problem}
     try:
         manifest = _read_json(path / MANIFEST)
         files, hashes = manifest["files"], manifest.get("sha256")
         problem = _listing_problem(path, files)
     except (CheckpointError, KeyError, TypeError, AttributeError) as e:
-        return f"unreadable {MANIFEST} ({e})"
-    if problem is not None or hashes is None:
-        return problem or _unhashed_problem(path, f"no sha256 in its {MANIFEST}")
-    return _hash_problem(path, files, hashes)
+        return {"problem": f"unreadable {MANIFEST} ({e})"}
+    if problem is None and hashes is None:
+        problem = _unhashed_problem(path, f"no sha256 in its {MANIFEST}")
+        return {} if problem is None else {"problem": problem}
+    if problem is not None:
+        return {"problem": problem}
+    return {"files": files, "sha256": {name: hashes.get(name) for name in files}}
 
 
 def _file_records(folder: Path) -> dict:
@@ -213,16 +246,19 @@ def _listing_problem(path: Path, files: dict) -> str | None:
     return None
 
 
-def _hash_problem(path: Path, files: dict, hashes: dict) -> str | None:
-    """The first file whose content differs from the sha256 recorded at save time. A folder seen
-    unchanged (same sizes and mtimes) since it verified in this process is not read again, so a
-    resume that picks a checkpoint and then loads it hashes it once."""
-    fingerprint = _fingerprint(path, files)
-    if _VERIFIED.get(path.resolve()) == fingerprint:
-        return None
-    for name in files:
-        if hashes.get(name) != file_sha256(path / name):
-            return f"{name} does not match its sha256 in {MANIFEST} (altered or damaged since the save)"
+def _hash_problem(path: Path, hashes: dict) -> str | None:
+    """The first file whose content differs from the sha256 recorded at save time. Files seen
+    unchanged (same sizes and mtimes) since they verified in this process are not read again, so
+    a resume that picks a checkpoint and then loads it hashes it once."""
+    try:
+        fingerprint = _fingerprint(path, hashes)
+        if _VERIFIED.get(path.resolve()) == fingerprint:
+            return None
+        for name in hashes:
+            if hashes[name] != file_sha256(path / name):
+                return f"{name} does not match its sha256 in {MANIFEST} (altered or damaged since the save)"
+    except OSError as e:  # gone since rank 0 listed it: an answer, so that no rank waits for this one
+        return f"cannot read {Path(e.filename or path).name}: {e.strerror}"
     _VERIFIED[path.resolve()] = fingerprint
     return None
 
@@ -245,25 +281,29 @@ def _unhashed_problem(path: Path, missing: str) -> str | None:
 
 
 def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The newest checkpoint that verifies; each newer one that does not is skipped with a
-    warning. None when there is no checkpoint; CheckpointError when none verifies."""
-    found = complete_checkpoints(ckpt_dir)
+    """Collective: the newest checkpoint that verifies; each newer one that does not is skipped
+    with a warning. None when there is no checkpoint; CheckpointError when none verifies. Rank 0
+    lists the folder, every rank hashes its share (`shared_checkpoint_problem`)."""
+    ckpt_dir = Path(ckpt_dir)
+    names = broadcast_from_main([p.name for p in complete_checkpoints(ckpt_dir)] if _rank() == 0 else None)
     problems = []
-    for path in reversed(found):
-        problem = checkpoint_problem(path)
+    for path in reversed([ckpt_dir / name for name in names]):
+        problem = shared_checkpoint_problem(path)
         if problem is None:
-            _warn_if_unhashed(path)
+            if _rank() == 0:
+                _warn_if_unhashed(path)
             return path
-        log.warning(f"skipping checkpoint {path}: {problem}; trying the previous one")
+        if _rank() == 0:
+            log.warning(f"skipping checkpoint {path}: {problem}; trying the previous one")
         problems.append(f"{path.name}: {problem}")
-    if found:
+    if names:
         raise CheckpointError(f"no checkpoint in {ckpt_dir} is complete ({'; '.join(problems)})")
     return None
 
 
 def find_checkpoint(path: Path) -> Path:
     """A DCP checkpoint folder itself, or the newest complete one under a run or checkpoints
-    folder; CheckpointError when there is none."""
+    folder; CheckpointError when there is none. Collective under a process group."""
     if (path / DCP_METADATA).is_file():
         return path
     for folder in (path / "checkpoints", path):
@@ -301,8 +341,8 @@ def _load_engine(path: Path, engine: Engine) -> None:
 
 
 def _load_error(path: Path, written_by: str, e: BaseException) -> str:
-    if isinstance(_root_cause(e), UnsafeCheckpointError):
-        return str(_root_cause(e))
+    if isinstance(root_cause(e), UnsafeCheckpointError):
+        return str(root_cause(e))
     if isinstance(e, FileNotFoundError):  # a file the format needs is missing
         name = CHECKPOINT_FORMATS[written_by].label
         return f"{path} is not a complete {name} checkpoint ({e}); pick another from {path.parent}"
@@ -337,10 +377,10 @@ def resume_config_changes(path: Path, cfg: Config) -> dict[str, list]:
 
 
 def load_checkpoint(path: str | Path, engine: Engine, cfg: Config | None = None) -> dict:
-    """Load engine state (resharding to this world size) and return this rank's extra state.
-    With `cfg`, first check that the checkpoint holds the same model."""
+    """Collective: load engine state (resharding to this world size) and return this rank's extra
+    state. With `cfg`, first check that the checkpoint holds the same model."""
     path = Path(path)
-    problem = checkpoint_problem(path)
+    problem = shared_checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(f"{path} is not a complete checkpoint: {problem}; pick another from {path.parent}")
     if cfg is not None:
@@ -354,18 +394,9 @@ def load_checkpoint(path: str | Path, engine: Engine, cfg: Config | None = None)
     return extra
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    """DCP wraps each rank's exception in a CheckpointException: the first one inside."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        e = next(iter(failures.values()))
-        e = e[0] if isinstance(e, tuple) else e  # (exception, traceback) per rank
-    return e
-
-
 def _first_line(e: BaseException) -> str:
     """The root cause's message."""
-    e = _root_cause(e)
+    e = root_cause(e)
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 

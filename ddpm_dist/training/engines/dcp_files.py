@@ -16,12 +16,14 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
 
+from ddpm_dist.distributed import any_flag, broadcast_bytes
 from ddpm_dist.utils.pickles import RefusedPickleError, RestrictedUnpickler
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -51,19 +53,59 @@ class _MetadataUnpickler(RestrictedUnpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose `.metadata` is read with the restricted unpickler."""
+    """FileSystemReader whose `.metadata` is read with the restricted unpickler, once: DCP asks
+    for it again inside `dcp.load`, and at 512 ranks the file is about 100 MB."""
+
+    _metadata: Metadata | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(f, path).load()
-        if not isinstance(metadata, Metadata):
-            raise UnsafeCheckpointError(f"{path} refused: it holds a {type(metadata).__name__}, not DCP Metadata")
-        _check_storage_paths(metadata, path)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        if self._metadata is None or kwargs.get("rank") is not None:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _parse_metadata(f.read(), path)
+            if kwargs.get("rank") is not None:
+                return _stamp(metadata, self.load_id)
+            self._metadata = metadata
+        return _stamp(self._metadata, self.load_id)
+
+    def share_metadata(self) -> None:
+        """Collective: rank 0 reads `.metadata` and sends its bytes to every rank, which parses
+        them with the restricted unpickler; then `read_metadata` reads no file. FileNotFoundError
+        on every rank when rank 0 cannot read it."""
+        path, data, missing = self._get_metadata_path(), None, None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                with self.fs.create_stream(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                missing = e.strerror or type(e).__name__
+        if any_flag(missing is not None):
+            raise FileNotFoundError(f"no readable .metadata ({missing or 'on rank 0'})")
+        self._metadata = _parse_metadata(broadcast_bytes(data), path)
+
+
+def _parse_metadata(data: bytes, path) -> Metadata:
+    metadata = _MetadataUnpickler(io.BytesIO(data), path).load()
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{path} refused: it holds a {type(metadata).__name__}, not DCP Metadata")
+    _check_storage_paths(metadata, path)
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+def _stamp(metadata: Metadata, load_id) -> Metadata:
+    metadata.storage_meta.load_id = load_id
+    return metadata
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """DCP wraps each rank's exception in a CheckpointException: the first one inside."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))
+        e = e[0] if isinstance(e, tuple) else e  # (exception, traceback) per rank
+    return e
 
 
 def _check_storage_paths(metadata: Metadata, path) -> None:

@@ -2,6 +2,8 @@
 
 DeepSpeed owns the optimizer, clipping and the fp16 loss scaler; we keep the EMA beside its
 parameters: whole tensors under ZeRO-1/2, each rank's flat partition (`ds_tensor`) under ZeRO-3.
+A checkpoint holds the EMA once: each rank saves its partitions (ZeRO-3) or a 1/W block of the
+whole EMA it shares with every rank (ZeRO-1/2), and on resume the blocks are all-gathered.
 Its checkpoints are DeepSpeed's own format (in a `deepspeed/` sub-folder), which resumes only on
 the same world size: DeepSpeed reshards them only after an offline `ds_to_universal.py` pass.
 """
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ddpm_dist.distributed import DistInfo
+from ddpm_dist.distributed import DistInfo, any_flag, rank_block
 from ddpm_dist.runtime import autocast_context
 from ddpm_dist.training.ema import EMA, local_views
 from ddpm_dist.utils.files import atomic_path, fsync_file, is_temp_file
@@ -23,6 +25,7 @@ from ddpm_dist.utils.files import atomic_path, fsync_file, is_temp_file
 from .base import DEEPSPEED_TAG, Engine, StepResult
 from .settings import EngineSettings
 
+EMA_BLOCK = "ema_block"  # ZeRO-0/1/2: the key of a rank's block of the flattened EMA in its file
 INSTALL_HINT = "engine=deepspeed needs `pip install ddpm-dist[deepspeed]`"
 
 
@@ -101,6 +104,7 @@ class DeepSpeedEngine(Engine):
         self.names, params = zip(*module.named_parameters())
         self.params = list(params)
         self.ema = EMA(self.local_params(), settings.ema_decay, names=self.names)
+        self._partitioned = any(hasattr(p, "ds_tensor") for p in self.params)  # ZeRO-3
         # bf16/fp32: DeepSpeed applies a step with non-finite gradients (see `step`).
         self.skips_nonfinite_steps = settings.precision == "fp16"
 
@@ -135,18 +139,53 @@ class DeepSpeedEngine(Engine):
         return StepResult(grad_norm=norm, skipped=torch.tensor(skipped))
 
     def save(self, folder: Path) -> None:
-        """DeepSpeed's checkpoint plus one EMA file per rank (ZeRO-3 EMA is partitioned), fsynced."""
+        """DeepSpeed's checkpoint plus one EMA file per rank, fsynced: under ZeRO-3 the rank's EMA
+        partitions; below it every rank holds the same whole EMA, so each saves a 1/W block of
+        it (one EMA in the checkpoint, not W copies)."""
         self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
-        with atomic_path(os.path.join(folder, DEEPSPEED_TAG, f"ema_rank{self.info.rank}.pt")) as tmp:
-            torch.save(self.ema.state_dict(), tmp)
+        share = self.ema.state_dict() if self._partitioned else {EMA_BLOCK: self._ema_block()}
+        with atomic_path(self._ema_file(folder)) as tmp:
+            torch.save(share, tmp)
         fsync_rank_files(Path(folder), self.info.rank)
 
     def load(self, folder: Path) -> None:
         loaded, _ = self.model.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         if loaded is None:  # DeepSpeed logs a warning and returns None instead of raising
             raise FileNotFoundError(f"nothing DeepSpeed can load in {DEEPSPEED_TAG}/")
-        path = os.path.join(folder, DEEPSPEED_TAG, f"ema_rank{self.info.rank}.pt")
-        self.ema.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        share = torch.load(self._ema_file(folder), map_location=self.device, weights_only=True)
+        if self._partitioned or EMA_BLOCK not in share:  # ZeRO-3; or a whole EMA per rank (older saves)
+            self.ema.load_state_dict(share)
+        else:
+            self._gather_ema_blocks(share[EMA_BLOCK])
+
+    def _ema_file(self, folder: Path) -> str:
+        return os.path.join(folder, DEEPSPEED_TAG, f"ema_rank{self.info.rank}.pt")
+
+    def _ema_block(self) -> torch.Tensor:
+        """This rank's contiguous block of the EMA, all tensors flattened in order (a copy)."""
+        block = rank_block(sum(e.numel() for e in self.ema.shadow), self.info.rank, self.info.world_size)
+        pieces, offset = [], 0
+        for e in self.ema.shadow:
+            lo, hi = max(block.start - offset, 0), min(block.stop - offset, e.numel())
+            if lo < hi:
+                pieces.append(e.flatten()[lo:hi])
+            offset += e.numel()
+        return torch.cat(pieces) if pieces else torch.empty(0, device=self.device)
+
+    def _gather_ema_blocks(self, mine: torch.Tensor) -> None:
+        """Collective: every rank's block, all-gathered into every rank's whole EMA."""
+        total, world = sum(e.numel() for e in self.ema.shadow), self.info.world_size
+        sizes = [len(rank_block(total, r, world)) for r in range(world)]
+        fits = isinstance(mine, torch.Tensor) and mine.shape == (sizes[self.info.rank],)
+        if any_flag(not fits):
+            raise ValueError(f"the EMA blocks do not fit this model on {world} ranks")
+        padded = torch.zeros(max(sizes), dtype=torch.float32, device=self.device)
+        padded[:len(mine)] = mine
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        flat = torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        for e, piece in zip(self.ema.shadow, flat.split([e.numel() for e in self.ema.shadow])):
+            e.copy_(piece.view_as(e))
 
     def full_ema_state_dict(self) -> dict[str, torch.Tensor] | None:
         full = {n: self._gather(p, e).cpu().clone() for n, p, e in zip(self.names, self.params, self.ema.shadow)}

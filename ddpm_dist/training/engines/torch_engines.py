@@ -5,22 +5,25 @@ only wrapping and gradient sync differ."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.state_dict as dcp_sd
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ddpm_dist.config import OptimConfig
-from ddpm_dist.distributed import DistInfo
+from ddpm_dist.distributed import DistInfo, any_flag, broadcast_from_main, collective_device
 from ddpm_dist.runtime import DTYPES, autocast_context
 from ddpm_dist.training.ema import EMA, local_views
 from ddpm_dist.utils.logs import log
 
 from .base import DynamicLossScaler, Engine, StepResult
-from .dcp_files import SafeFileSystemReader, SafeLoadPlanner, durable_writer
+from .dcp_files import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, durable_writer, root_cause
 from .settings import EngineSettings, fsdp_mesh_shape
 
 
@@ -88,12 +91,12 @@ class TorchEngine(Engine):
 
     def load(self, folder: Path) -> None:
         """DCP loads into this engine's tensors in place, resharding to this world size. Nothing in
-        the folder is unpickled beyond checkpoint data (`dcp_files`)."""
-        if not (Path(folder) / ".metadata").is_file():
-            raise FileNotFoundError("no .metadata")
+        the folder is unpickled beyond checkpoint data (`dcp_files`); `.metadata` is read once,
+        by rank 0, for all ranks (raising UnsafeCheckpointError here, before `dcp.load`, which
+        would log and retry it)."""
         state = {"engine": self.state_dict()}
         reader = SafeFileSystemReader(folder)
-        reader.read_metadata()  # raises UnsafeCheckpointError here: inside dcp.load it is logged and retried
+        reader.share_metadata()
         dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
         self.load_state_dict(state["engine"])
 
@@ -114,6 +117,56 @@ class TorchEngine(Engine):
         return full if self.info.is_main else None
 
 
+def _load_alone(folder: Path, state: dict) -> None:
+    """`dcp.load` in this process alone, whatever process group is running."""
+    reader = SafeFileSystemReader(folder)
+    reader.read_metadata()  # raises UnsafeCheckpointError here, as in TorchEngine.load
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+
+
+_ERROR_KINDS = {"unsafe": UnsafeCheckpointError, "missing": FileNotFoundError, "other": RuntimeError}
+
+
+def raise_where_rank0_failed(error: BaseException | None) -> None:
+    """Collective: when rank 0's read failed (`error`), rank 0 raises it and every other rank an
+    error of the same kind and first line, so that each rank's checkpoint message says why."""
+    if not any_flag(error is not None):
+        return
+    described = None
+    if error is not None:
+        cause = root_cause(error)
+        kind = ("unsafe" if isinstance(cause, UnsafeCheckpointError) else
+                "missing" if isinstance(error, FileNotFoundError) else "other")
+        described = {"kind": kind, "message": (str(cause).strip() or type(cause).__name__).splitlines()[0]}
+    described = broadcast_from_main(described)
+    if error is not None:
+        raise error
+    raise _ERROR_KINDS[described["kind"]](described["message"])
+
+
+def broadcast_state(state: dict) -> dict:
+    """Rank 0's `state` (nested dicts of tensors and plain values) on every rank: each tensor
+    broadcast into this rank's in place, the plain values (few, small) as one object."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return state
+    leaves, spec = tree_flatten(state)
+    device = collective_device()
+    plain = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    dist.broadcast_object_list(plain, src=0)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            leaves[i] = plain[i]
+        elif leaf.device == device:
+            dist.broadcast(leaf, src=0)
+        else:  # NCCL sends only CUDA tensors (the loss scaler's state is on the CPU)
+            moved = leaf.to(device)
+            dist.broadcast(moved, src=0)
+            leaf.copy_(moved)
+    return tree_unflatten(leaves, spec)
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -131,6 +184,22 @@ class DDPEngine(TorchEngine):
     def no_sync(self):
         # DDP decides at forward time whether backward reduces, so this wraps both.
         return self.model.no_sync()
+
+    def load(self, folder: Path) -> None:
+        """The state is replicated: rank 0 reads the checkpoint and broadcasts it, instead of
+        every rank reading all of it (W times the checkpoint's bytes, 2 TiB at 512 ranks for the
+        large model). Non-tensor values (Adam's param_groups) go along, so every rank ends with
+        rank 0's state exactly."""
+        state, error = {"engine": self.state_dict()}, None
+        if self.info.is_main:
+            try:
+                _load_alone(folder, state)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # DCP's CheckpointException is a BaseException
+                error = e
+        raise_where_rank0_failed(error)
+        self.load_state_dict(broadcast_state(state)["engine"])
 
 
 class FSDPEngine(TorchEngine):
