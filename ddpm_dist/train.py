@@ -118,7 +118,7 @@ def train(cfg: Config) -> TrainResult:
         lock = lock_run_folder(cfg, info)
         beats = Heartbeat(info.rank, info.world_size) if info.world_size > 1 else None
         try:
-            return Run(cfg, info).train(stop)
+            return Run(cfg, info, beats).train(stop)
         except Exception as err:
             if beats is not None and distributed.is_collective_failure(err):
                 err.lost_peers = beats.lost_peers()  # for main's error line: who is gone
@@ -162,8 +162,9 @@ class Run:
     """One training run on this rank: the model, engine and data, resumed from the newest
     checkpoint in out_dir, and the periodic actions around the steps."""
 
-    def __init__(self, cfg: Config, info: distributed.DistInfo):
-        self.cfg, self.info = cfg, info
+    def __init__(self, cfg: Config, info: distributed.DistInfo, beats: Heartbeat | None = None):
+        self.cfg, self.info, self.beats = cfg, info, beats
+        self.watch_peers("starting")  # start-up has the long collective timeout: a lost node ends it sooner
         self.out_dir, self.ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
         self.micro_batch, self.accum = batch_split(cfg, info.world_size)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -230,6 +231,7 @@ class Run:
                 progress.update(1)
                 if step == self.start:  # start-up (compilation, the first all-reduce) is over
                     distributed.set_collective_timeout(self.step_timeout)
+                    self.watch_peers(None)
                 # Periodic actions after step `done`: log (and the non-finite guard), checkpoint,
                 # sample, stop. The checkpoint comes before the sample grid: whatever happens
                 # while sampling, the step's state is already saved.
@@ -246,7 +248,7 @@ class Run:
                         self.stop_nonfinite(done, "non-finite weights")
                     self.checkpoint(done)
                 if _every(done, cfg.train.sample_every, total) and cfg.train.num_samples and not stop_now:
-                    with self.patient_collectives():
+                    with self.patient_collectives(f"sampling the grid of step {done}"):
                         self.sample_grid(done)
                 if stop_now:
                     log.info(f"stop requested (signal {stop.signum}): checkpoint at step {done} written, exiting")
@@ -272,18 +274,26 @@ class Run:
     def step_timeout(self) -> float:
         return min(self.cfg.train.step_timeout, self.cfg.train.collective_timeout)
 
+    def watch_peers(self, what: str | None) -> None:
+        """While `what` runs (None: no longer), a rank whose heartbeat stops for step_timeout
+        ends every rank (training/peers.py), as a lost peer in a step's collective does."""
+        if self.beats is not None:
+            self.beats.watch(self.step_timeout if what else None, what or "")
+
     @contextlib.contextmanager
-    def patient_collectives(self):
+    def patient_collectives(self, what: str):
         """Checkpoint writes and sample grids can keep ranks apart for minutes: the long timeout
-        while they run, the short one of the steps after."""
+        while they run, the short one of the steps after. The heartbeats are watched meanwhile."""
         distributed.set_collective_timeout(self.cfg.train.collective_timeout)
+        self.watch_peers(what)
         try:
             yield
         finally:
+            self.watch_peers(None)
             distributed.set_collective_timeout(self.step_timeout)
 
     def checkpoint(self, done: int, name: str | None = None) -> None:
-        with self.patient_collectives():
+        with self.patient_collectives(f"writing the checkpoint of step {done}"):
             save_checkpoint(self.ckpt_dir, done, self.engine, {"data": self.stream.state_dict()},
                             self.cfg.train.keep_last, self.cfg, name=name)
         if name is None:
@@ -338,24 +348,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg)
-    except DataReadError as e:  # storage unavailable after the retries: try again later
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DATA_UNAVAILABLE
     except CheckpointSaveError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SAVE_FAILED
-    except (ConfigError, distributed.DeviceError, CheckpointError, DataError, NonFiniteLossError,
-            FolderBusyError) as e:
+    except (ConfigError, distributed.DeviceError, CheckpointError, NonFiniteLossError, FolderBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if not distributed.is_collective_failure(e):
+        status, line = fault_status(e)
+        if status is None and not isinstance(e, DataError):  # a bug: its traceback
             raise
-        who = getattr(e, "lost_peers", "its log says why")
-        print(f"error: a collective operation failed ({_first_line(e)}): another rank died or hung: {who}; "
-              f"rerun to resume from the last checkpoint", file=sys.stderr)
-        return FAULT_EXIT_STATUS
+        print(line or f"error: {e}", file=sys.stderr)
+        return status or 2
     return 3 if result.stopped_early else 0
+
+
+def fault_status(err: BaseException) -> tuple[int | None, str]:
+    """(exit status, error line) for a failure that a rerun may get past: storage unavailable
+    after the retries (4), a rank that died or hung (6); (None, '') for any other error."""
+    if isinstance(err, DataReadError):
+        return EXIT_DATA_UNAVAILABLE, f"error: {err}"
+    if distributed.is_collective_failure(err):
+        who = getattr(err, "lost_peers", "its log says why")
+        return FAULT_EXIT_STATUS, (f"error: a collective operation failed ({_first_line(err)}): another rank died "
+                                   f"or hung: {who}; rerun to resume from the last checkpoint")
+    return None, ""
 
 
 def _first_line(err: BaseException) -> str:

@@ -178,3 +178,43 @@ def test_a_process_that_leaves_its_stream_open_still_exits(tmp_path):
         proc.wait()
         pytest.fail("the process did not exit within 120 s after its last statement")
     assert out == "read a batch\n" and proc.returncode == 0
+
+
+# Two ranks of a gloo group with the long timeout, as in a checkpoint write: rank 0 waits in a
+# barrier that rank 1 never reaches, while the heartbeats are watched.
+PATIENT_RANK = """
+import datetime, sys, time
+import torch.distributed as dist
+from ddpm_dist.training.peers import Heartbeat
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+beats = Heartbeat(dist.get_rank(), 2)
+beats.watch(float(sys.argv[1]), "writing the checkpoint of step 8")
+print("ready", flush=True)
+if dist.get_rank() == 0:
+    dist.barrier()
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_lost_while_a_checkpoint_is_written_ends_the_others_within_the_watch_limit(tmp_path):
+    """The collective would wait 600 s; the watched heartbeats end rank 0 in seconds, naming rank 1."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", PATIENT_RANK, "6"], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.stdout.read()
+        procs[1].send_signal(signal.SIGSTOP)  # no beat, no exit message: a silent node
+        code, seconds = wait_exit(procs[0], within=120)
+        out = procs[0].stdout.read()
+    finally:
+        kill_all(procs)
+    assert code == 6, out
+    line = out.strip().splitlines()[-1]
+    assert "error: another rank died or hung: lost rank 1 on " in line, out
+    assert "(no heartbeat for 6 s while writing the checkpoint of step 8)" in line, line
+    assert seconds < 60

@@ -8,6 +8,7 @@ run over 2 nodes must equal, bit for bit, the same world size on one machine.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,10 +27,13 @@ from test_train import losses
 pytestmark = pytest.mark.multinode
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 6
+# Node-loss runs lose node2 after step 10, between the checkpoints of steps 8 and 16: mid-step,
+# where the short train.step_timeout applies. Every 2-node training run is compared with one
+# run of these settings on one machine.
+STEPS = 16
 TINY = ["device=cpu", "engine=ddp", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
         "model.attn_resolutions=[8]", "diffusion.num_timesteps=50", "train.batch_size=8",
-        "train.num_samples=4", "train.log_every=1", "train.ckpt_every=3", "train.sample_every=1000",
+        "train.num_samples=4", "train.log_every=1", "train.ckpt_every=8", "train.sample_every=1000",
         f"train.total_steps={STEPS}"]
 CPU_TASK = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
@@ -76,9 +80,9 @@ def train_overrides(url: str) -> list[str]:
     return [*TINY, f"data.source={url}"]
 
 
-def train_on_one_node(run_dir: Path, env: dict, url: str, *overrides: str) -> Path:
-    """2 ranks on this machine, `torchrun --standalone --nproc_per_node=2`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+def train_on_one_node(run_dir: Path, env: dict, url: str, *overrides: str, ranks: int = 2) -> Path:
+    """`ranks` ranks on this machine, `torchrun --standalone --nproc_per_node=RANKS`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
            "ddpm_dist.train", "--config", "configs/demo_digits.yaml", f"out_dir={run_dir}", *train_overrides(url),
            *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -102,45 +106,6 @@ def sbatch_two_nodes(cluster: dict, env: dict, url: str, run_dir: Path, *overrid
                            *overrides], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
-
-
-@pytest.mark.slow
-def test_sbatch_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multinode_s3, digits_url, one_node_run,
-                                                       tmp_path):
-    env, run_dir = multinode_s3["env"], tmp_path / "run"
-    job_id = sbatch_two_nodes(multinode_cluster, env, digits_url, run_dir)
-    try:
-        state = wait_done(env, job_id, 300)
-    finally:
-        cancel(env, job_id)
-    log = (run_dir / "job.log").read_text()
-    assert state == "COMPLETED", log[-3000:]
-    assert "2 tasks on node[1-2]" in log and "ddp on 2 x cpu" in log, log[-3000:]
-    assert_same_training(run_dir, one_node_run)
-
-
-@pytest.mark.slow
-def test_submitit_two_nodes_trains_bitwise_like_one_node(multinode_cluster, multinode_s3, digits_url, one_node_run,
-                                                         tmp_path, monkeypatch):
-    from ddpm_dist.cli import submit  # what launch/submit.py and ddpm-submit run
-    for key in set(os.environ) - set(multinode_s3["env"]):
-        monkeypatch.delenv(key)  # submitit's sbatch passes this process's environment on
-    for key, value in multinode_s3["env"].items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(REPO)
-    args = submit.parse_args([
-        "--config", "configs/demo_digits.yaml", "--partition", multinode_cluster["partition"], "--nodes", "2",
-        "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "10",
-        "--folder", str(tmp_path / "submitit"), "--out-root", str(tmp_path), *train_overrides(digits_url)])
-    (job,) = submit.submit(args)
-    env = multinode_s3["env"]
-    try:
-        state = wait_done(env, job.job_id, 300)
-    finally:
-        cancel(env, job.job_id)
-    assert state == "COMPLETED", Path(job.paths.stderr).read_text()[-3000:]
-    assert job_field(env, job.job_id, "NodeList") == "node[1-2]" and job.results() == [STEPS, STEPS]
-    assert_same_training(tmp_path / "demo_digits", one_node_run)
 
 
 def free_port_on(cluster: dict, node: str) -> int:
@@ -203,52 +168,57 @@ def test_eval_tasks_spread_over_the_nodes_asked_for():
 
 
 @pytest.mark.slow
-def test_fid_sample_over_two_nodes_writes_and_scores_like_one_process(multinode_cluster, tmp_path):
+def test_fid_sample_over_two_nodes_survives_a_lost_node_and_its_rerun_scores_like_one_process(
+        multinode_cluster, tmp_path):
+    """node2's processes are killed while both ranks sample: the survivor writes the rest of its
+    share, fails at the first collective with one line, and the launcher ends. Rerun once node2
+    is back, the same command writes only the missing samples: N PNGs equal to an uninterrupted
+    single process's, and the same statistics."""
     import numpy as np
     from test_sampling import _pngs, _random_inception, _save_random_model
+    n, cluster, env = 12, multinode_cluster, multinode_cluster["env"]
     model = _save_random_model(tmp_path / "tiny.safetensors")
     weights = _random_inception(tmp_path / "inception.pth")
-    common = ["--ckpt", model, "--num-samples", 10, "--seed", 7, "--device", "cpu", "--batch-size", 5,
-              "--inception-weights", weights]
-    env = multinode_cluster["env"]
-    eval_tool(env, "fid_sample.py", *common, "--out", tmp_path / "one", "--world-size", 1)
-    proc = eval_tool(env, "fid_sample.py", *common, "--out", tmp_path / "two", *on_two_nodes(multinode_cluster, 2))
-    assert "2 tasks on 2 node(s)" in proc.stdout
-    assert _pngs(tmp_path / "two") == _pngs(tmp_path / "one") and len(_pngs(tmp_path / "one")) == 10
+    args = ["--ckpt", model, "--num-samples", n, "--seed", 7, "--device", "cpu", "--batch-size", 1,
+            "--inception-weights", weights]
+    eval_tool(env, "fid_sample.py", *args, "--out", tmp_path / "one", "--world-size", 1)
+    two_nodes = [*args, "--out", tmp_path / "two", *on_two_nodes(cluster, 2)]
+    log = (tmp_path / "launcher.log").open("w")
+    launcher = subprocess.Popen([sys.executable, str(REPO / "tools" / "fid_sample.py"), *map(str, two_nodes)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        odd = lambda: [p for p in _pngs(tmp_path / "two") if int(p[:-4]) % 2]  # rank 1's samples
+        wait_for("rank 1's first sample", odd, 300, 0.1)
+        lose_node2(cluster, "killed")
+        lost_at, made_by_rank_1 = time.monotonic(), len(odd())
+        rank0_log = lambda: next((tmp_path / "two" / "slurm").glob("*_0_log.err"), None)
+        wait_for("the survivor's error line", lambda: (f := rank0_log()) and "fid_sample.py: error:" in f.read_text(),
+                 300, 0.2)
+        survivor_s = time.monotonic() - lost_at
+        launcher.wait(timeout=120)
+        launcher_s = time.monotonic() - lost_at
+    finally:
+        launcher.kill()
+        bring_back_node2(cluster)
+    out = (tmp_path / "launcher.log").read_text()
+    print(f"fid_sample, node2 killed: survivor failed after {survivor_s:.0f} s, launcher ended after {launcher_s:.0f} s")
+    assert made_by_rank_1 < n // 2, "rank 1 had finished before node2 was lost: nothing was tested"
+    assert launcher.returncode == 1 and "did not finish" in out.strip().splitlines()[-1], out[-3000:]
+    assert 0 < len(_pngs(tmp_path / "two")) < n
+
+    rerun = eval_tool(env, "fid_sample.py", *two_nodes)
+    assert "2 tasks on 2 node(s)" in rerun.stdout
+    assert _pngs(tmp_path / "two") == _pngs(tmp_path / "one") and len(_pngs(tmp_path / "one")) == n
     with np.load(tmp_path / "one" / "inception_stats.npz") as one, np.load(tmp_path / "two" / "inception_stats.npz") as two:
         assert np.abs(one["sigma"]).max() > 1e-4  # features that can differ
         np.testing.assert_allclose(two["mu"], one["mu"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=1e-9, atol=1e-12)
     one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
     assert two["world_size"] == 2 and two["inception_score"] == pytest.approx(one["inception_score"], rel=1e-9)
-
-
-@pytest.mark.slow
-def test_eval_nll_over_two_nodes_equals_one_process(multinode_cluster, tmp_path):
-    from test_sampling import _save_random_model
-    model = _save_random_model(tmp_path / "tiny.safetensors")
-    common = ["--ckpt", model, "--data", "digits", "--num-images", 4, "--batch-size", 2, "--device", "cpu"]
-    env = multinode_cluster["env"]
-    eval_tool(env, "eval_nll.py", *common, "--out", tmp_path / "one.json", "--world-size", 1)
-    eval_tool(env, "eval_nll.py", *common, "--out", tmp_path / "two.json", *on_two_nodes(multinode_cluster, 2))
-    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert two["world_size"] == 2 and two["num_images"] == one["num_images"] == 4
-    assert two["bits_per_dim"] == one["bits_per_dim"]
+    assert 0 < two["runs"][0]["generated"] < n  # the rerun made only what the lost run had not
 
 
 # ------------------------------------------------------------------------------ node loss ---
-LOSS_STEPS = 24
-# The node is lost after step 10, between the checkpoints of steps 8 and 16: mid-step, where the
-# short train.step_timeout applies (a checkpoint write keeps the long collective_timeout).
-LOSS_RUN = (f"train.total_steps={LOSS_STEPS}", "train.ckpt_every=8")
-
-
-@pytest.fixture(scope="module")
-def one_node_long_run(multinode_s3, digits_url, tmp_path_factory) -> Path:
-    return train_on_one_node(tmp_path_factory.mktemp("one-node-long") / "run", multinode_s3["env"], digits_url,
-                             *LOSS_RUN)
-
-
 def lose_node2(cluster: dict, fault: str) -> None:
     """killed: every process of node2 (slurmd, the step, the rank) gets SIGKILL, its sockets
     close. silent: node2's network goes down, as when a machine loses power: nothing closes."""
@@ -270,19 +240,43 @@ def bring_back_node2(cluster: dict) -> None:
                        timeout=60)
 
 
+def submitit_two_nodes(cluster: dict, s3: dict, url: str, tmp_path: Path, monkeypatch, *overrides: str):
+    """launch/submit.py's job (`TrainJob`) on 2 nodes x 1 CPU task, in tmp_path/demo_digits."""
+    from ddpm_dist.cli import submit  # what launch/submit.py and ddpm-submit run
+    for key in set(os.environ) - set(s3["env"]):
+        monkeypatch.delenv(key)  # submitit's sbatch passes this process's environment on
+    for key, value in s3["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)
+    args = submit.parse_args([
+        "--config", "configs/demo_digits.yaml", "--partition", cluster["partition"], "--nodes", "2",
+        "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "10",
+        "--folder", str(tmp_path / "submitit"), "--out-root", str(tmp_path), *train_overrides(url), *overrides])
+    (job,) = submit.submit(args)
+    return job
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["killed", "silent"])
+@pytest.mark.parametrize("launcher, fault", [("sbatch", "silent"), ("submitit", "killed")])
 def test_a_lost_node_ends_the_survivor_with_its_name_and_the_job_resumes_bitwise(
-        fault, multinode_cluster, multinode_s3, digits_url, one_node_long_run, tmp_path):
+        launcher, fault, multinode_cluster, multinode_s3, digits_url, one_node_run, tmp_path, monkeypatch):
     """Slurm's node-failure detection stays at its default (SlurmdTimeout=300): the surviving rank
     must end itself within 2 minutes and name the lost peer; the job requeues itself and, once
-    node2 is back, resumes from its last checkpoint to the weights of an uninterrupted run."""
-    env, run_dir = multinode_s3["env"], tmp_path / "run"
-    log = run_dir / "job.log"
-    job_id = sbatch_two_nodes(multinode_cluster, env, digits_url, run_dir, *LOSS_RUN)
+    node2 is back, resumes from its last checkpoint to the weights of an uninterrupted run.
+    launch/train_lsun.sh's job requeues from its script, launch/submit.py's from its tasks.
+    (The silent node at train.step_timeout=30 rather than 90: the same path, a minute sooner.)"""
+    env = multinode_s3["env"]
+    if launcher == "sbatch":
+        run_dir = tmp_path / "run"
+        job_id = sbatch_two_nodes(multinode_cluster, env, digits_url, run_dir, "train.step_timeout=30")
+        log = run_dir / "job.log"
+    else:
+        job = submitit_two_nodes(multinode_cluster, multinode_s3, digits_url, tmp_path, monkeypatch)
+        run_dir, job_id, log = tmp_path / "demo_digits", job.job_id, Path(job.paths.stderr)
     try:
         wait_for("step 10", lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 10,
                  240, 0.1)
+        assert job_field(env, job_id, "NodeList") == "node[1-2]"
         lost_at = time.monotonic()
         lose_node2(multinode_cluster, fault)
         line = wait_for("the survivor's error line", lambda: next(
@@ -290,6 +284,8 @@ def test_a_lost_node_ends_the_survivor_with_its_name_and_the_job_resumes_bitwise
             150, 0.5)
         survivor_s = time.monotonic() - lost_at
         bring_back_node2(multinode_cluster)
+        # (before the requeued run, whose srun may truncate the log of task 0)
+        wait_for("the requeue", lambda: f"requeueing job {job_id}" in log.read_text(errors="replace"), 150, 0.5)
         wait_for("the requeued job to run", lambda: job_field(env, job_id, "Restarts") == "1"
                  and job_field(env, job_id, "JobState") == "RUNNING", 480, 0.5)
         running_again_s = time.monotonic() - lost_at
@@ -297,10 +293,64 @@ def test_a_lost_node_ends_the_survivor_with_its_name_and_the_job_resumes_bitwise
     finally:
         cancel(env, job_id)
         bring_back_node2(multinode_cluster)
-    print(f"node {fault}: survivor exited after {survivor_s:.0f} s, job running again after {running_again_s:.0f} s")
+    print(f"{launcher}, node {fault}: survivor exited after {survivor_s:.0f} s, job running again after "
+          f"{running_again_s:.0f} s")
     assert survivor_s < 120 and "lost rank 1 on node2" in line, line
     text = log.read_text(errors="replace")
-    assert state == "COMPLETED" and "requeueing job" in text and f"job {job_id} run 2:" in text, text[-3000:]
+    assert state == "COMPLETED", text[-3000:]
+    if launcher == "sbatch":
+        assert f"job {job_id} run 2:" in text and "2 tasks on node[1-2]" in text, text[-3000:]
+        assert "ddp on 2 x cpu" in text, text[-3000:]
+    else:
+        assert job.results() == [STEPS, STEPS]
     resumed_at = int(text.split("resumed from")[1].split("at step")[1].split()[0])
     assert resumed_at == 8
-    assert_same_training(run_dir, one_node_long_run, LOSS_STEPS)
+    assert_same_training(run_dir, one_node_run)
+
+
+# ------------------------------------------------------------------- the reproduction chain ---
+CHAIN_STEPS = ("train.total_steps=6",)
+
+@pytest.mark.slow
+def test_the_chain_on_two_nodes_trains_on_both_2x2_bitwise_and_evaluates_over_both(
+        multinode_cluster, tmp_path):
+    """launch/reproduce.py --nodes 2: training on 2 nodes x 2 tasks (4 ranks, bit for bit the
+    same as 4 ranks on one machine), sampling/FID and bits/dim with one rank on each node, and the
+    report at the end."""
+    from test_reproduce import _image_folders, _submitted
+    from test_sampling import _random_inception
+    cluster, env = multinode_cluster, multinode_cluster["env"]
+    train, test = _image_folders(tmp_path / "raw", train=32, test=4)  # the reference statistics: 32 Inception passes
+    weights = _random_inception(tmp_path / "inception.pth")
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "reproduce.py"), "configs/demo_digits.yaml", *TINY, *CHAIN_STEPS,
+           f"out_dir={run}", f"data.source={shards}", "--dataset", "folder", "--raw", str(train), "--raw-test", str(test),
+           "--raw-dir", str(tmp_path / "raw"), "--inception-weights", str(weights), "--num-samples", "16", "--seeds", "1",
+           "--nll-images", "4", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
+           "--eval-world-size", "2", "--partition", cluster["partition"], "--time", "10", "--eval-time", "10"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = _submitted(proc.stdout)
+    assert list(jobs) == ["prepare", "train", "export", "fid", "nll", "report"], proc.stdout
+    try:
+        state = wait_done(env, jobs["report"], 900)
+    finally:
+        for job_id in jobs.values():
+            cancel(env, job_id)
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted((run / "slurm").glob("*_log.err")))
+    assert state == "COMPLETED", logs
+    for stage in ("train", "fid", "nll"):
+        assert job_field(env, jobs[stage], "NodeList") == "node[1-2]", stage
+    assert job_field(env, jobs["train"], "NumTasks") == "4"
+    fid = json.loads((run / "eval" / "fid16" / "result.json").read_text())
+    nll = json.loads((run / "eval" / "nll.json").read_text())
+    report = json.loads((run / "report.json").read_text())
+    assert fid["world_size"] == nll["world_size"] == 2 and report["training"]["steps"] == 6
+    assert report["ours"]["fid"] == fid["fid"] and math.isfinite(fid["fid"])
+    assert report["ours"]["bits_per_dim"] == nll["bits_per_dim"] > 0
+    here = eval_tool(env, "eval_nll.py", "--ckpt", run / "model_ema.safetensors", "--data", f"{shards}-test",
+                     "--num-images", 4, "--device", "cpu", "--world-size", 1, "--out", tmp_path / "nll-here.json")
+    assert json.loads((tmp_path / "nll-here.json").read_text())["bits_per_dim"] == nll["bits_per_dim"], here.stdout
+    four_ranks = train_on_one_node(tmp_path / "four-ranks", env, str(shards), *CHAIN_STEPS, ranks=4)
+    assert_same_training(run, four_ranks, 6)
+

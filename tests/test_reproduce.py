@@ -19,12 +19,12 @@ pytestmark = pytest.mark.slurm
 STEPS = 8
 
 
-def _image_folders(root: Path) -> tuple[Path, Path]:
-    """100 training and 8 held-out digits as PNG files, the raw data a user brings."""
+def _image_folders(root: Path, train: int = 100, test: int = 8) -> tuple[Path, Path]:
+    """`train` training and `test` held-out digits as PNG files, the raw data a user brings."""
     from ddpm_dist.data.digits import load_digits_images
     images = load_digits_images(16).permute(0, 2, 3, 1).numpy()
     folders = root / "train", root / "test"
-    for folder, indices in zip(folders, (range(100), range(100, 108))):
+    for folder, indices in zip(folders, (range(train), range(train, train + test))):
         folder.mkdir(parents=True)
         for i in indices:
             Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
@@ -130,6 +130,8 @@ def test_a_cifar10_archive_that_is_not_the_official_one_is_refused(tmp_path):
     (["configs/demo_digits.yaml", "--dataset", "imagenet"], "no dataset recipe for 'imagenet'; pass --dataset one of"),
     (["configs/lsun_church.yaml"], "lsun_church: pass --raw, the church_outdoor_train_lmdb folder"),
     (["configs/cifar10.yaml", "--raw-test", "x"], "--raw-test is for image-folder datasets"),
+    (["configs/cifar10.yaml", "--nodes", "2", "--eval-world-size", "3"],
+     "evaluation runs on the 2 training node(s): --eval-world-size 3 must be --nodes 2 times"),
 ])
 def test_a_wrong_setting_is_one_line_before_anything_is_submitted(args, message):
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), *args], cwd=REPO,

@@ -145,6 +145,9 @@ def run_rank(args) -> dict | None:
             if score is not None and info.is_main:
                 run.update(score.result(out, ref))
             runs.append(run)
+        # Every rank waits for rank 0's scoring: a Slurm step ends a minute after its first task
+        # exits (srun --wait, for lost nodes), and the last FID can take longer than that.
+        distributed.barrier()
         return summary(args, sha, runs) if info.is_main else None
     finally:
         distributed.teardown()

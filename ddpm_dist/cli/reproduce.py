@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ddpm_dist.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
-from ddpm_dist.launch.ranks import submit_command
+from ddpm_dist.launch.ranks import eval_resources, submit_command
 from ddpm_dist.launch.slurm import JobResources
 from ddpm_dist.reproduce.datasets import dataset_for
 from ddpm_dist.reproduce.plan import Plan, Resources
@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--time", type=int, default=24 * 60, help="training time limit per run, minutes")
-    p.add_argument("--eval-world-size", type=int, default=8, help="ranks for sampling and bits/dim")
+    p.add_argument("--eval-world-size", type=int, default=8,
+                   help="ranks for sampling and bits/dim, spread over the --nodes (a multiple of --nodes)")
     p.add_argument("--eval-time", type=int, default=12 * 60, help="evaluation time limit, minutes")
     p.add_argument("--stage", choices=("prepare", "report"), help=argparse.SUPPRESS)  # inside a chain job
     p.add_argument("--settings", help=argparse.SUPPRESS)  # a chain job's: resolved when it was submitted
@@ -87,6 +88,11 @@ def build_plan(args) -> Plan:
                           cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
                           train_time_min=args.time, eval_world_size=args.eval_world_size,
                           eval_time_min=args.eval_time)
+    try:  # checked before any stage is submitted, not when the chain reaches the evaluation
+        eval_resources(args.eval_world_size, gpus_per_node=args.gpus_per_node, nodes=args.nodes)
+    except ValueError as e:
+        raise ValueError(f"evaluation runs on the {args.nodes} training node(s): "
+                         + str(e).replace("--world-size", "--eval-world-size")) from None
     return Plan(config=args.config, overrides=tuple(overrides), cfg=cfg, name=name, dataset=dataset, raw=args.raw,
                 raw_test=args.raw_test, raw_dir=Path(args.raw_dir), inception_weights=weights, num_samples=args.num_samples,
                 seeds=args.seeds, sample_steps=args.sample_steps, sampler=args.sampler,

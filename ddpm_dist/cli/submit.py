@@ -8,7 +8,9 @@
 
 Each job runs one rank per task (`ddpm_dist.launch.train_job.TrainJob`). On preemption or
 `--signal-delay` seconds before the time limit every rank stops at the next step boundary,
-a checkpoint is written, and the job is requeued and resumes from it. Logs: --folder.
+a checkpoint is written, and the job is requeued and resumes from it. After a lost node or rank
+(status 6) or a storage outage (status 4) the surviving tasks requeue the job themselves, at most
+DDPM_MAX_FAULT_REQUEUES (default 3) times, and it resumes from the last checkpoint. Logs: --folder.
 """
 from __future__ import annotations
 

@@ -139,10 +139,27 @@ def run_slurm(module: str, argv: list[str], world_size: int, *, gpus_per_node: i
     print(f"submitted Slurm job {job.job_id}: {world_size} tasks on {res.nodes} node(s); logs in {folder}",
           flush=True)
     try:
-        job.results()
+        _wait_for_rank_0(job)
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
+        job.cancel(check=False)  # the other tasks may wait on the failed one, or on a lost node's
         raise RuntimeError(_job_failure(job, err, folder)) from None
     return 0
+
+
+def _wait_for_rank_0(job, poll_s: float = 2.0) -> None:
+    """Until task 0 has its result (rank 0 writes the tool's), or a task failed: raises its
+    error. Not the whole job: after a lost node, its tasks never report, and without Slurm
+    accounting submitit cannot tell that the job ended. The job's end is the bound: then
+    `results()` returns or raises."""
+    tasks = [job.task(i) for i in range(job.num_tasks)]
+    while not job.done():
+        for task in tasks:
+            if task.paths.result_pickle.exists() and (err := task.exception()) is not None:
+                raise err
+        if tasks[0].paths.result_pickle.exists():
+            return
+        time.sleep(poll_s)
+    job.results()
 
 
 def _job_failure(job, err: Exception, folder: str | Path) -> str:

@@ -11,6 +11,9 @@ from pathlib import Path
 from ddpm_dist.utils.urls import control_character_error
 
 
+SRUN_WAIT_S = 60  # as launch/_train_job.sh's srun --wait=60
+
+
 @dataclass(frozen=True)
 class JobResources:
     nodes: int = 1
@@ -47,8 +50,10 @@ def make_executor(folder: str | Path, res: JobResources, *, local: bool = False,
     executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None, **options)
     params = dict(nodes=res.nodes, tasks_per_node=res.tasks_per_node, cpus_per_task=res.cpus_per_task,
                   timeout_min=res.timeout_min, name=res.name,
-                  # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch
-                  slurm_srun_args=[f"--cpus-per-task={res.cpus_per_task}"])
+                  # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch. --wait:
+                  # the step ends SRUN_WAIT_S after its first task exits, instead of waiting for
+                  # the exit of the tasks of a lost node, which may never come.
+                  slurm_srun_args=[f"--cpus-per-task={res.cpus_per_task}", f"--wait={SRUN_WAIT_S}"])
     extra = {}
     if requeue:
         extra["requeue"] = True

@@ -96,8 +96,9 @@ def _train_job(plan: Plan, stage: str) -> JobResources:
 
 
 def _ranks(plan: Plan, stage: str) -> JobResources:
+    """The evaluation ranks, spread over as many nodes as training has."""
     r = plan.resources
-    res = eval_resources(r.eval_world_size, gpus_per_node=r.gpus_per_node, cpus_per_task=r.cpus_per_task,
+    res = eval_resources(r.eval_world_size, gpus_per_node=r.gpus_per_node, nodes=r.nodes, cpus_per_task=r.cpus_per_task,
                          timeout_min=r.eval_time_min, partition=r.partition, name=plan.job_name(stage))
     return dataclasses.replace(res, account=r.account)
 
