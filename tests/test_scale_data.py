@@ -181,13 +181,19 @@ def test_a_corrupted_byte_in_one_sample_is_skipped_and_counted(tmp_path, caplog)
     assert "checksum" in caplog.text and "shard-000001.tar" in caplog.text
 
 
-def test_shards_without_a_sample_index_share_whole_shards_with_one_warning(tmp_path, caplog):
-    folder = tmp_path / "s"
+def _older_shards(folder) -> str:
+    """48 noise samples in shards of 16 as an older make_shards wrote them: no sample indexes."""
     url = write_noise_shards(folder, n=48, max_samples=16)
     index = json.loads((folder / "index.json").read_text())
-    for shard in index["shards"]:  # as an older make_shards wrote them
+    for shard in index["shards"]:
         (folder / shard.pop("sample_index")).unlink()
     (folder / "index.json").write_text(json.dumps(index))
+    return url
+
+
+def test_shards_without_a_sample_index_share_whole_shards_with_one_warning(tmp_path, caplog):
+    folder = tmp_path / "s"
+    url = _older_shards(folder)
     with caplog.at_level(logging.WARNING):
         s = stream_for(url, rank=0, world=8, batch=2)
         assert len(model_inputs(s, s.batches_per_epoch)) == s.batches_per_epoch
@@ -197,11 +203,7 @@ def test_shards_without_a_sample_index_share_whole_shards_with_one_warning(tmp_p
 
 def test_a_rerun_of_make_shards_adds_the_sample_indexes_to_older_shards(tmp_path):
     folder = tmp_path / "s"
-    url = write_noise_shards(folder, n=48, max_samples=16)
-    index = json.loads((folder / "index.json").read_text())
-    for shard in index["shards"]:  # as an older make_shards wrote them
-        (folder / shard.pop("sample_index")).unlink()
-    (folder / "index.json").write_text(json.dumps(index))
+    url = _older_shards(folder)
     write_noise_shards(folder, n=48, max_samples=16)  # the same command again
     assert stream_for(url, rank=0, world=8, batch=2).plan.by_ranges
     assert sorted(p.name for p in folder.glob("*.idx")) == [f"shard-00000{i}.tar.idx" for i in range(3)]
